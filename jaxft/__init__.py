@@ -1,0 +1,1 @@
+"""jaxft: fine-tune GPT models with JAX and Flax NNX."""

@@ -1,0 +1,73 @@
+"""Orbax checkpoints: params, optimizer state, step, RNG and the data iterator position.
+
+Items are saved separately so that `init_from` can read params alone, and every restore goes into
+an abstract target carrying the *current* mesh's shardings: resuming onto another mesh is free.
+"""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+
+def manager(workdir, ckpt_cfg):
+  """CheckpointManager for <workdir>/checkpoints: keep the newest N, plus the best val loss."""
+  policies = [pp.LatestN(n=ckpt_cfg.keep)]
+  if ckpt_cfg.keep_best:
+    # BestN keeps the last n after sorting; reverse=True sorts descending, so it keeps the lowest.
+    policies.append(pp.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
+                             keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=ckpt_cfg.async_save,
+      preservation_policy=pp.AnyPreservationPolicy(policies))
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                               options=options)
+
+
+def save(mngr, state, data_state, metrics=None):
+  """Save a train state (dict with params/opt_state/step/rng) and the data iterator state."""
+  step = int(state['step'])
+  mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state['params']),
+      train=ocp.args.StandardSave({k: v for k, v in state.items() if k != 'params'}),
+      data=ocp.args.JsonSave(data_state)))
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def restore(mngr, abstract_state, shardings, step=None):
+  """(state, data_state) of `step` (default: latest), placed with `shardings`."""
+  step = mngr.latest_step() if step is None else step
+  rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(abstract_state['params'], shardings['params'])),
+      train=ocp.args.StandardRestore(_abstract(rest(abstract_state), rest(shardings))),
+      data=ocp.args.JsonRestore()))
+  return {'params': out.params, **out.train}, out.data
+
+
+def resolve(path):
+  """A workdir, its checkpoints/ dir or one step dir -> (checkpoints dir, step)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  if os.path.isdir(os.path.join(path, 'params')):  # A step directory.
+    return os.path.dirname(path), int(os.path.basename(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'init_from: no checkpoint at {path}')
+  steps = ocp.utils.checkpoint_steps(path)
+  if not steps:
+    raise FileNotFoundError(f'init_from: {path} holds no finished checkpoint')
+  return path, max(steps)
+
+
+def restore_params(path, abstract_params, shardings):
+  """Params alone from a jaxft checkpoint (workdir or step dir), onto the current mesh."""
+  directory, step = resolve(path)
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+    out = m.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(abstract_params, shardings))))
+  return out.params, f'{directory}/{step}'

@@ -1,0 +1,111 @@
+"""Config files + command-line overrides -> one locked ml_collections.ConfigDict.
+
+    python -m jaxft.train --config=configs/demo.py[:variant] [--config.a.b=value ...] [--workdir=DIR]
+"""
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import sys
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file, key or value that cannot be used; the message names it."""
+
+
+def load_file(spec):
+  """`path/to/file.py[:arg]` -> the file's get_config(arg), locked."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  # Config files import their neighbours (`from configs import common`): make the repo importable.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module_spec = importlib.util.spec_from_file_location('_jaxft_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg or None)
+  cfg.lock()
+  return cfg
+
+
+def flat_keys(cfg, prefix=''):
+  """All dotted leaf keys of a ConfigDict."""
+  keys = []
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys += flat_keys(v, f'{prefix}{k}.')
+    else:
+      keys.append(prefix + k)
+  return keys
+
+
+def _parse_value(old, text):
+  """Parse an override the way the existing field is typed; strings stay as written."""
+  if isinstance(old, str):
+    return text
+  if isinstance(old, bool) or text in ('True', 'False', 'true', 'false'):
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'expected a bool, got {text!r}')
+    return text.lower() in ('true', '1')
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # A string for a None-valued string placeholder; the type check below decides.
+
+
+def override(cfg, key, text):
+  """Set dotted `key` from its command-line text, with the field's type checked."""
+  keys = flat_keys(cfg)
+  if key not in keys:
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    hint = f'; did you mean {", ".join(near)}?' if near else f'; valid keys: {", ".join(keys)}'
+    raise ConfigError(f'unknown config key {key!r}{hint}')
+  *parents, leaf = key.split('.')
+  node = cfg
+  for p in parents:
+    node = node[p]
+  old = node[leaf]
+  try:
+    node[leaf] = _parse_value(old, text)
+  except (TypeError, ValueError) as e:
+    want = type(old).__name__ if old is not None else 'the field type'
+    raise ConfigError(f'bad value for config key {key!r}: {text!r} (expected {want}): {e}') from None
+
+
+def parse_args(argv):
+  """argv -> (locked config, workdir). Accepts --config=, --config.key=value and --workdir=."""
+  spec, workdir, overrides = None, None, []
+  for arg in argv:
+    name, eq, value = arg.partition('=')
+    if not eq:
+      raise ConfigError(f'expected --name=value, got {arg!r}')
+    if name == '--config':
+      spec = value
+    elif name == '--workdir':
+      workdir = value
+    elif name.startswith('--config.'):
+      overrides.append((name[len('--config.'):], value))
+    else:
+      raise ConfigError(f'unknown flag {name!r}: use --config=FILE[:arg], --config.key=value, --workdir=DIR')
+  if spec is None:
+    raise ConfigError('missing --config=path/to/config.py[:variant]')
+  cfg = load_file(spec)
+  for key, value in overrides:
+    override(cfg, key, value)
+  if workdir is None:
+    name = os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]
+    variant = spec.partition(':')[2]
+    workdir = os.path.join('runs', f'{name}_{variant}' if variant else name)
+  return cfg, workdir
+
+
+def save(cfg, workdir):
+  """Write the resolved config as <workdir>/config.json (what was run, for the record)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)

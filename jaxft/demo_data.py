@@ -1,0 +1,60 @@
+"""The embedded demo corpus: a tiny arithmetic language, generated deterministically, no downloads.
+
+Every record serves every objective: `text` (next_token), `prompt` -> `completion` (labeled_pair)
+and `label` (classification: the size of the answer, a rule the model must compute from the text).
+
+    python -m jaxft.demo_data --out=demo_data   # writes train/val/test .jsonl to look at
+"""
+import json
+import os
+import sys
+import zlib
+
+import numpy as np
+
+LABEL_NAMES = ('low', 'mid', 'high')  # answer < 50, < 100, >= 100
+
+
+def make_record(rng):
+  a, b = (int(x) for x in rng.integers(0, 100, size=2))
+  op = '+' if rng.random() < 0.5 else '-'
+  if op == '-' and a < b:
+    a, b = b, a
+  c = a + b if op == '+' else a - b
+  prompt = f'{a}{op}{b}='
+  label = 0 if c < 50 else 1 if c < 100 else 2
+  return {'text': prompt + str(c), 'prompt': prompt, 'completion': str(c), 'label': label}
+
+
+def generate(num_examples, seed=0):
+  """`num_examples` records, the same ones for the same seed on every machine."""
+  rng = np.random.default_rng(seed)
+  return [make_record(rng) for _ in range(num_examples)]
+
+
+def split_of(record):
+  """'train', 'val' or 'test' by a hash of the question: held-out questions never occur in train."""
+  bucket = zlib.crc32(record['prompt'].encode()) % 20
+  return 'val' if bucket == 0 else 'test' if bucket == 1 else 'train'
+
+
+def splits(num_examples, seed=0):
+  """{split: records}: ~90% train, ~5% val, ~5% test, disjoint questions."""
+  out = {'train': [], 'val': [], 'test': []}
+  for r in generate(num_examples, seed):
+    out[split_of(r)].append(r)
+  return out
+
+
+def main(argv):
+  out = next((a.split('=', 1)[1] for a in argv if a.startswith('--out=')), 'demo_data')
+  os.makedirs(out, exist_ok=True)
+  for split, records in splits(20_000).items():
+    with open(os.path.join(out, f'{split}.jsonl'), 'w') as f:
+      for r in records:
+        f.write(json.dumps(r) + '\n')
+  print(f'wrote {out}/train.jsonl, val.jsonl, test.jsonl')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,187 @@
+"""GPT-2 in Flax NNX. Parameters name logical axes only; jaxft/sharding.py maps them to the mesh.
+
+Parameter names and layouts follow HF GPT-2 (wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj, ln_f) so that HF conversion is a rename/reshape table. Attention weights keep
+the head axis explicit ([embed, 3, heads, head_dim]) so tensor parallelism can split heads.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Named sizes: (num_layers, num_heads, embed_dim, max_len). Vocab comes from the tokenizer.
+SIZES = {
+    'tiny': (2, 4, 128, 256),
+    'gpt2': (12, 12, 768, 1024),
+    'gpt2-medium': (24, 16, 1024, 1024),
+    'gpt2-large': (36, 20, 1280, 1024),
+    'gpt2-xl': (48, 25, 1600, 1024),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  embed_dim: int
+  mlp_dim: int
+  max_len: int
+  dropout: float = 0.0
+  ln_eps: float = 1e-5
+  dtype: str = 'float32'  # Compute dtype; parameters are always float32.
+
+  @property
+  def head_dim(self):
+    return self.embed_dim // self.num_heads
+
+
+def config_from(model_cfg, tokenizer_vocab_size):
+  """Resolve `config.model` (preset + overrides) into a GPTConfig."""
+  if model_cfg.size not in SIZES:
+    raise ValueError(f'unknown model.size {model_cfg.size!r}; known: {", ".join(SIZES)}')
+  layers, heads, embed, max_len = SIZES[model_cfg.size]
+  layers = model_cfg.num_layers or layers
+  heads = model_cfg.num_heads or heads
+  embed = model_cfg.embed_dim or embed
+  if embed % heads:
+    raise ValueError(f'model.embed_dim={embed} is not divisible by model.num_heads={heads}')
+  vocab = model_cfg.vocab_size
+  if vocab is None:
+    m = model_cfg.vocab_multiple
+    vocab = -(-tokenizer_vocab_size // m) * m
+  if vocab < tokenizer_vocab_size:
+    raise ValueError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
+  return GPTConfig(vocab_size=vocab, num_layers=layers, num_heads=heads, embed_dim=embed,
+                   mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
+                   dropout=model_cfg.dropout, dtype=model_cfg.dtype)
+
+
+def _param(rngs, shape, axes, std=None):
+  """A float32 Param, normal(std) or zeros, annotated with logical axis names."""
+  value = jnp.zeros(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
+  return nnx.Param(value, out_sharding=axes)
+
+
+def _dropout(x, rate, key):
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, rngs):
+    self.eps = cfg.ln_eps
+    self.scale = nnx.Param(jnp.ones((cfg.embed_dim,)), out_sharding=('embed',))
+    self.bias = _param(rngs, (cfg.embed_dim,), ('embed',))
+
+  def __call__(self, x_BLD):
+    # Statistics in fp32 even under bf16 compute: LayerNorm is where bf16 loses precision.
+    x = x_BLD.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(x_BLD.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, rngs):
+    self.cfg = cfg
+    D, H, K = cfg.embed_dim, cfg.num_heads, cfg.head_dim
+    self.c_attn_kernel = _param(rngs, (D, 3, H, K), ('embed', None, 'heads', 'kv'), 0.02)
+    self.c_attn_bias = _param(rngs, (3, H, K), (None, 'heads', 'kv'))
+    # GPT-2 scales residual projections by 1/sqrt(2 * layers) at init.
+    std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    self.c_proj_kernel = _param(rngs, (H, K, D), ('heads', 'kv', 'embed'), std)
+    self.c_proj_bias = _param(rngs, (D,), ('embed',))
+
+  def __call__(self, x_BLD, mask_B1LL, key):
+    dt = x_BLD.dtype
+    qkv = jnp.einsum('bld,dthk->tblhk', x_BLD, self.c_attn_kernel[...].astype(dt))
+    q_BLHK, k_BLHK, v_BLHK = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+    scores_BHLL = jnp.einsum('blhk,bmhk->bhlm', q_BLHK, k_BLHK).astype(jnp.float32)
+    scores_BHLL = jnp.where(mask_B1LL, scores_BHLL / math.sqrt(self.cfg.head_dim), -1e30)
+    probs_BHLL = jax.nn.softmax(scores_BHLL, axis=-1).astype(dt)
+    probs_BHLL = _dropout(probs_BHLL, self.cfg.dropout, key)
+    out_BLHK = jnp.einsum('bhlm,bmhk->blhk', probs_BHLL, v_BLHK)
+    return jnp.einsum('blhk,hkd->bld', out_BLHK, self.c_proj_kernel[...].astype(dt)) + \
+        self.c_proj_bias[...].astype(dt)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, rngs):
+    D, F = cfg.embed_dim, cfg.mlp_dim
+    self.c_fc_kernel = _param(rngs, (D, F), ('embed', 'mlp'), 0.02)
+    self.c_fc_bias = _param(rngs, (F,), ('mlp',))
+    self.c_proj_kernel = _param(rngs, (F, D), ('mlp', 'embed'), 0.02 / math.sqrt(2 * cfg.num_layers))
+    self.c_proj_bias = _param(rngs, (D,), ('embed',))
+
+  def __call__(self, x_BLD):
+    dt = x_BLD.dtype
+    h_BLF = x_BLD @ self.c_fc_kernel[...].astype(dt) + self.c_fc_bias[...].astype(dt)
+    h_BLF = jax.nn.gelu(h_BLF, approximate=True)  # GPT-2's tanh GELU.
+    return h_BLF @ self.c_proj_kernel[...].astype(dt) + self.c_proj_bias[...].astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, rngs):
+    self.dropout = cfg.dropout
+    self.ln_1 = LayerNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ln_2 = LayerNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BLD, mask_B1LL, key):
+    keys = jax.random.split(key, 3) if key is not None else (None,) * 3
+    x_BLD = x_BLD + _dropout(self.attn(self.ln_1(x_BLD), mask_B1LL, keys[0]), self.dropout, keys[1])
+    return x_BLD + _dropout(self.mlp(self.ln_2(x_BLD)), self.dropout, keys[2])
+
+
+class GPT(nnx.Module):
+  """GPT-2: learned positions, pre-LayerNorm blocks, tanh GELU, LM head tied to wte."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.wte = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ('vocab', 'embed'), 0.02)
+    self.wpe = _param(rngs, (cfg.max_len, cfg.embed_dim), (None, 'embed'), 0.01)
+    self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.ln_f = LayerNorm(cfg, rngs)
+
+  def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, dropout_key=None):
+    """Final hidden states [batch, length, embed] after ln_f.
+
+    positions default to 0..L-1; segment_ids (packed sequences) keep attention inside a segment.
+    dropout_key=None means deterministic (eval); a key turns dropout on.
+    """
+    B, L = tokens_BL.shape
+    if L > self.cfg.max_len:
+      raise ValueError(f'sequence length {L} > model max_len {self.cfg.max_len}')
+    dt = jnp.dtype(self.cfg.dtype)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    mask_B1LL = jnp.tril(jnp.ones((L, L), bool))[None, None]
+    if segment_ids_BL is not None:
+      same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+      mask_B1LL = mask_B1LL & same_BLL[:, None]
+    keys = (jax.random.split(dropout_key, self.cfg.num_layers + 1)
+            if dropout_key is not None and self.cfg.dropout > 0 else [None] * (self.cfg.num_layers + 1))
+    x_BLD = self.wte[...][tokens_BL] + self.wpe[...][positions_BL]
+    x_BLD = _dropout(x_BLD.astype(dt), self.cfg.dropout, keys[-1])
+    for block, key in zip(self.h, keys):
+      x_BLD = block(x_BLD, mask_B1LL, key)
+    return self.ln_f(x_BLD)
+
+  def logits(self, hidden_BLD):
+    """Tied LM head, float32 logits [batch, length, vocab]."""
+    return jnp.einsum('bld,vd->blv', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BL, **kwargs):
+    return self.logits(self.hidden(tokens_BL, **kwargs))

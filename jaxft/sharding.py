@@ -1,0 +1,73 @@
+"""The device mesh and the ONE table that maps the model's logical axes onto it.
+
+Mesh axes: `data` (replicas), `fsdp` (params and optimizer state sharded, batch too), `tensor`
+(heads / MLP / vocab split). The model names only logical axes; this file is the only place they meet.
+"""
+import contextlib
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# logical axis -> mesh axis (or axes, or None = replicated).
+RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('kv', None),
+)
+
+
+def make_mesh(mesh_cfg, devices=None):
+  """Mesh of shape (data, fsdp, tensor) from config; one -1 entry takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  if shape.count(-1) > 1:
+    raise ValueError(f'at most one of mesh.data/fsdp/tensor may be -1, got {shape}')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f'{len(devices)} devices do not divide by mesh {shape}')
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, '
+                     f'have {len(devices)}')
+  # Auto axes: GSPMD propagates shardings through plain matmuls (Explicit axes would reject them).
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh):
+  """Everything that builds or shards the model runs inside this: mesh + the rules table."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+    yield
+
+
+def logical_to_spec(axes):
+  """('batch', None) -> P(('data', 'fsdp'), None) through RULES."""
+  table = dict(RULES)
+  return P(*(table[a] if a is not None else None for a in axes))
+
+
+def state_shardings(abstract_state, mesh):
+  """NamedShardings for a (possibly abstract) state tree, from each Param's logical axes."""
+  with activate(mesh):
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def batch_sharding(mesh, ndim=2):
+  return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1)))
+
+
+def shard_batch(batch, mesh):
+  """Host-local numpy batch (this process's rows) -> global jax arrays sharded over batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
+          for k, v in batch.items()}

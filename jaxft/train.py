@@ -1,0 +1,259 @@
+"""The one trainer.
+
+    python -m jaxft.train --config=configs/demo.py [--config.key=value ...] [--workdir=DIR]
+
+Rerunning the same command resumes from the newest checkpoint in the workdir.
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxft import checkpoint, config as config_lib, data, evaluate, model as model_lib, \
+    objectives, optim, sharding, tokenizer as tokenizer_lib
+
+
+def build_state(cfg, model_cfg, tx, mesh):
+  """(graphdef, abstract state, shardings, init fn). Nothing is allocated until init_fn runs."""
+  def init(seed_key):
+    params = nnx.state(model_lib.GPT(model_cfg, nnx.Rngs(params=seed_key)), nnx.Param)
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+            'rng': jax.random.key_data(jax.random.fold_in(seed_key, 1))}
+
+  with sharding.activate(mesh):
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
+    abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.state_shardings(abstract, mesh)
+
+  def init_fn():
+    with sharding.activate(mesh):
+      return jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
+  return graphdef, abstract, shardings, init_fn
+
+
+def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum):
+  """The one jitted, state-donating train_step(state, batch) -> (state, metrics).
+
+  The batch is split into `grad_accum` micro-batches whose loss sums and supervised-token counts
+  are added up before dividing, so k micro-batches give exactly the update of one k-times batch.
+  """
+  def loss_sum(params, batch, key):
+    return objective.loss(nnx.merge(graphdef, params), batch, key)
+
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+  def train_step(state, batch):
+    params = state['params']
+    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    # Strided micro-batches ([B] -> [k, B/k]) keep each device's rows on that device.
+    micro = jax.tree.map(
+        lambda x: x.reshape((-1, grad_accum) + x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, inputs):
+      mb, i = inputs
+      (s, c), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (s, c, g)), None
+
+    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    (loss_sum_, count, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
+    denom = jnp.maximum(count, 1.0)  # An empty mask is reported by the loop, not divided by.
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+                 'step': state['step'] + 1, 'rng': state['rng']}
+    metrics = {'loss': loss_sum_ / denom, 'grad_norm': optax.global_norm(grads),
+               'lr': lr_schedule(state['step']), 'supervised_tokens': count,
+               'tokens': jnp.asarray(batch['tokens'].size, jnp.float32)}
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+class MetricsLog:
+  """metrics.jsonl + TensorBoard (process 0 only); on resume, drops lines past the restored step."""
+
+  def __init__(self, workdir, resume_step):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = jax.process_index() == 0
+    self.tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        keep = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+      with open(self.path, 'w') as f:
+        f.writelines(keep)
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=resume_step + 1)
+
+  def write(self, step, split, values):
+    if not self.enabled:
+      return
+    line = {'step': step, 'split': split, **values}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(line) + '\n')
+    for k, v in values.items():
+      if isinstance(v, (int, float)):
+        self.tb.add_scalar(f'{split}/{k}', v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb:
+      self.tb.close()
+
+
+class Progress:
+  """tqdm bar on a terminal; plain log lines (every log_every steps) otherwise."""
+
+  def __init__(self, start, total):
+    self.total, self.tty = total, sys.stderr.isatty()
+    self.t0, self.start = time.time(), start
+    if self.tty:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+
+  def update(self, step, line):
+    if self.tty:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix_str(f"loss {line['loss']:.4f} {line['tokens_per_s']:,.0f} tok/s")
+      return
+    done = step - self.start
+    eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+    print(f"step {step}/{self.total} loss {line['loss']:.4f} lr {line['lr']:.2e} "
+          f"grad_norm {line['grad_norm']:.3f} {line['tokens_per_s']:,.0f} tok/s "
+          f"eta {eta:.0f}s", flush=True)
+
+  def close(self):
+    if self.tty:
+      self.bar.close()
+
+
+def log(msg):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def run(cfg, workdir):
+  """Train per `cfg` in `workdir` (resuming if it holds a checkpoint). Returns the final state."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, '
+      f'{jax.process_count()} process(es)')
+  T = cfg.train
+  if T.batch_size % T.grad_accum:
+    raise ValueError(f'train.batch_size={T.batch_size} is not divisible by '
+                     f'train.grad_accum={T.grad_accum}')
+  tok = tokenizer_lib.build(cfg.tokenizer)
+  objective = objectives.get(cfg.objective)
+  splits = data.load_splits(cfg.data, cfg.seed)
+  examples = {s: objective.encode(r, tok, cfg.data) for s, r in splits.items()}
+  log('examples: ' + ', '.join(f'{s} {len(e["tokens"])}' for s, e in examples.items()))
+  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
+  if cfg.data.seq_len > model_cfg.max_len:
+    raise ValueError(f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
+  tx, lr_schedule = optim.build(cfg.optim, T.steps)
+  graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract['params']))
+  log(f'model {model_cfg} with {n_params:,} params')
+
+  mngr = checkpoint.manager(workdir, cfg.checkpoint)
+  train_iter = iter(data.train_dataset(examples['train'], T.batch_size, cfg.seed))
+  if mngr.latest_step() is not None:
+    state, data_state = checkpoint.restore(mngr, abstract, shardings)
+    train_iter.set_state(data_state)
+    log(f'resumed from {mngr.directory}/{mngr.latest_step()}')
+  else:
+    state = init_fn()
+    if T.init_from:
+      state['params'], src = checkpoint.restore_params(T.init_from, abstract['params'],
+                                                       shardings['params'])
+      log(f'init_from: loaded params from {src} (fresh optimizer)')
+  step = int(state['step'])
+
+  train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum)
+  eval_step = evaluate.make_eval_step(graphdef, objective)
+  baseline = data.unigram_baseline(examples['train'], examples['val'], model_cfg.vocab_size)
+  metrics_log = MetricsLog(workdir, step)
+
+  def run_eval(split, max_batches):
+    result = evaluate.evaluate(eval_step, state['params'], examples[split], T.batch_size, mesh,
+                               max_batches)
+    metrics_log.write(step, split, result)
+    return result
+
+  # SIGTERM (preemption, scancel, Ctrl-C in some launchers): checkpoint at the next step and exit.
+  stop = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+  progress = Progress(step, T.steps)
+  window = {'tokens': 0.0, 'time': time.time()}
+  totals = {'tokens': 0.0, 'supervised_tokens': 0.0}
+  try:
+    while step < T.steps:
+      batch = sharding.shard_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      # Reading the metrics waits for this step; the host has already queued nothing else, so
+      # this costs a sync per step. It is what lets a NaN stop the run before anything is saved.
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        raise FloatingPointError(f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at '
+                                 f'step {step} (batch {step - 1} of the train stream); stopping '
+                                 f'without saving this state')
+      if m['supervised_tokens'] == 0:
+        raise data.DataError(f'train batch at step {step} has no supervised token')
+      for k in totals:
+        totals[k] += m[k]
+      window['tokens'] += m['tokens']
+      if step % T.log_every == 0 or step == T.steps:
+        now = time.time()
+        line = {**m, 'tokens_per_s': window['tokens'] / max(now - window['time'], 1e-9),
+                'total_tokens': totals['tokens'],
+                'total_supervised_tokens': totals['supervised_tokens']}
+        metrics_log.write(step, 'train', line)
+        progress.update(step, line)
+        window = {'tokens': 0.0, 'time': now}
+      ckpt_metrics = None
+      if step % T.eval_every == 0 or step == T.steps:
+        val = run_eval('val', T.eval_batches)
+        ckpt_metrics = {'val_loss': val['loss']}
+        log(f'step {step}: val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f})')
+      if step % cfg.checkpoint.every == 0 or step == T.steps or stop:
+        checkpoint.save(mngr, state, train_iter.get_state(), ckpt_metrics)
+      if stop:
+        log(f'SIGTERM: saved step {step}, exiting; rerun the same command to resume')
+        break
+    else:
+      val = run_eval('val', 0)
+      test = run_eval('test', 0)
+      log(f'final: val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f}), '
+          f'test loss {test["loss"]:.4f}')
+  finally:
+    progress.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    metrics_log.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+  return state
+
+
+def main(argv):
+  cfg, workdir = config_lib.parse_args(argv)
+  if cfg.distributed:
+    jax.distributed.initialize()
+  if jax.process_index() == 0:
+    print(cfg)
+    config_lib.save(cfg, workdir)
+  run(cfg, workdir)
+
+
+if __name__ == '__main__':
+  try:
+    main(sys.argv[1:])
+  except (config_lib.ConfigError, data.DataError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
