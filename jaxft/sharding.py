@@ -58,9 +58,20 @@ def logical_to_spec(axes):
 
 
 def state_shardings(abstract_state, mesh):
-  """NamedShardings for a (possibly abstract) state tree, from each Param's logical axes."""
+  """NamedShardings for a (possibly abstract) state tree, from each Param's logical axes.
+
+  Fails up front, naming the parameter, if a dimension does not divide over its mesh axes.
+  """
   with activate(mesh):
-    return nnx.get_named_sharding(abstract_state, mesh)
+    shardings = nnx.get_named_sharding(abstract_state, mesh)
+  flat = jax.tree_util.tree_leaves_with_path(abstract_state)
+  for (path, x), sh in zip(flat, jax.tree.leaves(shardings)):
+    for size, axes in zip(x.shape, sh.spec):
+      n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+      if size % n:
+        raise ValueError(f'{jax.tree_util.keystr(path)} has a dimension of {size}, not divisible '
+                         f'over mesh axes {axes} ({n} devices): change the mesh or the model size')
+  return shardings
 
 
 def batch_sharding(mesh, ndim=2):

@@ -68,7 +68,7 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum):
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
                  'step': state['step'] + 1, 'rng': state['rng']}
-    metrics = {'loss': loss_sum_ / denom, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss_sum_ / denom, 'grad_norm': optax.tree.norm(grads),
                'lr': lr_schedule(state['step']), 'supervised_tokens': count,
                'tokens': jnp.asarray(batch['tokens'].size, jnp.float32)}
     return new_state, metrics
@@ -193,13 +193,17 @@ def run(cfg, workdir):
   progress = Progress(step, T.steps)
   window = {'tokens': 0.0, 'time': time.time()}
   totals = {'tokens': 0.0, 'supervised_tokens': 0.0}
+  if step >= T.steps:
+    log(f'{workdir} already holds the final step {step}; nothing to do')
+    mngr.close()
+    return state
   try:
     while step < T.steps:
       batch = sharding.shard_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
       step += 1
-      # Reading the metrics waits for this step; the host has already queued nothing else, so
-      # this costs a sync per step. It is what lets a NaN stop the run before anything is saved.
+      # Reading the metrics every step waits for the device (one sync per step): the price of
+      # stopping on the first NaN before any later state can be checkpointed.
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
         raise FloatingPointError(f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at '
@@ -218,20 +222,23 @@ def run(cfg, workdir):
         metrics_log.write(step, 'train', line)
         progress.update(step, line)
         window = {'tokens': 0.0, 'time': now}
+      if step == T.steps:
+        break  # The final evaluation and checkpoint follow the loop.
       ckpt_metrics = None
-      if step % T.eval_every == 0 or step == T.steps:
+      if step % T.eval_every == 0:
         val = run_eval('val', T.eval_batches)
         ckpt_metrics = {'val_loss': val['loss']}
         log(f'step {step}: val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f})')
-      if step % cfg.checkpoint.every == 0 or step == T.steps or stop:
+      if step % cfg.checkpoint.every == 0 or stop:
         checkpoint.save(mngr, state, train_iter.get_state(), ckpt_metrics)
       if stop:
         log(f'SIGTERM: saved step {step}, exiting; rerun the same command to resume')
         break
-    else:
-      val = run_eval('val', 0)
-      test = run_eval('test', 0)
-      log(f'final: val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f}), '
+    if not stop:
+      val, test = run_eval('val', 0), run_eval('test', 0)
+      if mngr.latest_step() != step:
+        checkpoint.save(mngr, state, train_iter.get_state(), {'val_loss': val['loss']})
+      log(f'final (step {step}): val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f}), '
           f'test loss {test["loss"]:.4f}')
   finally:
     progress.close()

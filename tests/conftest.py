@@ -1,0 +1,40 @@
+"""8 fake CPU devices for every test (set before jax is imported), and small-config helpers."""
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+from jaxft import config as config_lib  # noqa: E402
+
+# A model and corpus small enough that a few steps take well under a second on 8 fake devices.
+SMALL = {
+    'model.num_layers': '2', 'model.num_heads': '4', 'model.embed_dim': '32', 'model.max_len': '64',
+    'data.seq_len': '32', 'data.demo.num_examples': '2000', 'train.batch_size': '16',
+    'train.log_every': '1', 'train.eval_every': '5', 'train.eval_batches': '2',
+    'optim.warmup_steps': '2',
+}
+
+
+def small_config(**overrides):
+  """configs/demo.py with SMALL and `overrides` (dotted keys with '__' for '.') applied."""
+  cfg = config_lib.load_file(os.path.join(ROOT, 'configs', 'demo.py'))
+  for k, v in {**SMALL, **{k.replace('__', '.'): str(v) for k, v in overrides.items()}}.items():
+    config_lib.override(cfg, k, v)
+  return cfg
+
+
+def small_argv(workdir, **overrides):
+  """Command line for `python -m jaxft.train` with the same small config."""
+  items = {**SMALL, **{k.replace('__', '.'): str(v) for k, v in overrides.items()}}
+  return ['--config=configs/demo.py', f'--workdir={workdir}'] + \
+      [f'--config.{k}={v}' for k, v in items.items()]
+
+
+@pytest.fixture
+def root():
+  return ROOT

@@ -1,0 +1,58 @@
+import json
+import os
+
+import pytest
+
+from jaxft import config as config_lib
+
+
+def test_overrides_are_typed_and_nested(root):
+  cfg, workdir = config_lib.parse_args([
+      '--config=configs/demo.py', '--config.optim.lr=0.01', '--config.train.steps=7',
+      '--config.model.num_layers=3', '--config.checkpoint.async_save=false',
+      '--config.data.train=a.jsonl'])
+  assert cfg.optim.lr == 0.01 and cfg.train.steps == 7 and cfg.model.num_layers == 3
+  assert cfg.checkpoint.async_save is False and cfg.data.train == 'a.jsonl'
+  assert workdir == os.path.join('runs', 'demo')
+
+
+def test_variant_and_default_workdir():
+  cfg, workdir = config_lib.parse_args(['--config=configs/demo.py:next_token'])
+  assert cfg.objective == 'next_token' and workdir == os.path.join('runs', 'demo_next_token')
+  with pytest.raises(ValueError, match="no variant 'nope'"):
+    config_lib.parse_args(['--config=configs/demo.py:nope'])
+
+
+def test_unknown_key_names_nearest():
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim\.lrr'.*optim\.lr"):
+    config_lib.parse_args(['--config=configs/demo.py', '--config.optim.lrr=1'])
+
+
+def test_wrong_type_is_rejected():
+  with pytest.raises(config_lib.ConfigError, match=r"train\.steps.*'ten'"):
+    config_lib.parse_args(['--config=configs/demo.py', '--config.train.steps=ten'])
+  with pytest.raises(config_lib.ConfigError, match=r"train\.steps.*2\.5"):
+    config_lib.parse_args(['--config=configs/demo.py', '--config.train.steps=2.5'])
+
+
+def test_missing_file_and_flag_errors():
+  with pytest.raises(config_lib.ConfigError, match='config file not found: nope.py'):
+    config_lib.parse_args(['--config=nope.py'])
+  with pytest.raises(config_lib.ConfigError, match="unknown flag '--lr'"):
+    config_lib.parse_args(['--config=configs/demo.py', '--lr=1'])
+
+
+def test_config_is_locked_and_saved(tmp_path):
+  cfg, _ = config_lib.parse_args(['--config=configs/demo.py', '--config.seed=3'])
+  with pytest.raises(AttributeError):
+    cfg.new_key = 1
+  config_lib.save(cfg, str(tmp_path))
+  saved = json.load(open(tmp_path / 'config.json'))
+  assert saved['seed'] == 3 and saved['data']['source'] == 'demo'
+
+
+def test_demo_overrides_only_what_differs(root):
+  """Every key in demo.py exists in common.py: config files cannot introduce keys."""
+  common = config_lib.load_file(os.path.join(root, 'configs', 'common.py'))
+  demo = config_lib.load_file(os.path.join(root, 'configs', 'demo.py'))
+  assert config_lib.flat_keys(common) == config_lib.flat_keys(demo)
