@@ -1,0 +1,81 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import small_config
+from jaxft import model as model_lib, sharding
+
+# Parameter counts of the HF GPT-2 checkpoints (embeddings tied, vocab 50257).
+HF_PARAM_COUNTS = {'gpt2': 124_439_808, 'gpt2-medium': 354_823_168,
+                   'gpt2-large': 774_030_080, 'gpt2-xl': 1_557_611_200}
+
+
+def make(cfg_overrides=None, seed=0):
+  cfg = small_config(**(cfg_overrides or {}))
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  with sharding.activate(mesh):
+    return model_lib.GPT(model_lib.config_from(cfg.model, 258), nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize('size', HF_PARAM_COUNTS)
+def test_named_sizes_match_hf_parameter_counts(size):
+  cfg = small_config(model__size=size, model__vocab_size=50257)
+  for k in ('num_layers', 'num_heads', 'embed_dim', 'max_len'):
+    cfg.model[k] = None
+  gcfg = model_lib.config_from(cfg.model, 50257)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  with sharding.activate(mesh):
+    abstract = nnx.eval_shape(lambda: model_lib.GPT(gcfg, nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == HF_PARAM_COUNTS[size]
+
+
+def test_vocab_is_padded_to_multiple():
+  cfg = small_config()
+  assert model_lib.config_from(cfg.model, 258).vocab_size == 384
+  assert model_lib.config_from(cfg.model, 50257).vocab_size == 50304
+
+
+def test_causal_no_future_leak():
+  m = make()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
+  changed = tokens.at[:, 10:].set(7)
+  a, b = m(tokens), m(changed)
+  np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6)
+  assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_segments_attend_only_within_themselves():
+  """Two documents packed in one row with restarted positions = each document alone."""
+  m = make()
+  rng = np.random.default_rng(1)
+  doc1, doc2 = rng.integers(0, 256, (1, 6)), rng.integers(0, 256, (1, 10))
+  packed = jnp.asarray(np.concatenate([doc1, doc2], 1))
+  positions = jnp.asarray(np.concatenate([np.arange(6), np.arange(10)])[None])
+  segments = jnp.asarray(np.array([[0] * 6 + [1] * 10]))
+  out = m(packed, positions_BL=positions, segment_ids_BL=segments)
+  np.testing.assert_allclose(out[:, :6], m(jnp.asarray(doc1)), atol=1e-5)
+  np.testing.assert_allclose(out[:, 6:], m(jnp.asarray(doc2)), atol=1e-5)
+
+
+def test_dropout_is_keyed_and_off_by_default():
+  m = make({'model__dropout': 0.5})
+  tokens = jnp.ones((2, 8), jnp.int32)
+  np.testing.assert_array_equal(m(tokens), m(tokens))  # No key: deterministic (eval).
+  k1, k2 = jax.random.key(1), jax.random.key(2)
+  np.testing.assert_array_equal(m(tokens, dropout_key=k1), m(tokens, dropout_key=k1))
+  assert not np.allclose(m(tokens, dropout_key=k1), m(tokens, dropout_key=k2))
+  assert not np.allclose(m(tokens, dropout_key=k1), m(tokens))
+
+
+def test_too_long_sequence_is_an_error():
+  with pytest.raises(ValueError, match='sequence length 65 > model max_len 64'):
+    make()(jnp.ones((1, 65), jnp.int32))
+
+
+def test_bad_sizes_are_errors():
+  with pytest.raises(ValueError, match="unknown model.size 'gpt5'"):
+    make({'model__size': 'gpt5'})
+  with pytest.raises(ValueError, match='not divisible by model.num_heads=5'):
+    make({'model__num_heads': 5})
