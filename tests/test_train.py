@@ -1,0 +1,130 @@
+"""End-to-end runs of `python -m jaxft.train` on the small demo config (8 fake devices)."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import small_argv
+from jaxft import train
+
+
+def read_params(workdir, step=None):
+  ckpts = os.path.join(workdir, 'checkpoints')
+  step = step if step is not None else max(ocp.utils.checkpoint_steps(ckpts))
+  tree = ocp.PyTreeCheckpointer().restore(os.path.join(ckpts, str(step), 'params'))
+  return {k: np.asarray(v) for k, v in _flatten(tree).items()}
+
+
+def _flatten(tree, prefix=''):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f'{prefix}{k}/'))
+    return out
+  return {prefix: tree}
+
+
+def metrics(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def start(workdir, root, **overrides):
+  return subprocess.Popen([sys.executable, '-m', 'jaxft.train', *small_argv(workdir, **overrides)],
+                          cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys):
+  wd = str(tmp_path / 'run')
+  train.main(small_argv(wd, train__steps=10, checkpoint__every=5, checkpoint__keep=1))
+  lines = metrics(wd)
+  trains = [l for l in lines if l['split'] == 'train']
+  assert [l['step'] for l in trains] == list(range(1, 11))
+  for key in ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'supervised_tokens', 'total_tokens'):
+    assert all(isinstance(l[key], float) for l in trains), key
+  assert trains[-1]['total_tokens'] == 10 * 16 * 32
+  evals = [(l['step'], l['split']) for l in lines if l['split'] != 'train']
+  assert evals == [(5, 'val'), (10, 'val'), (10, 'test')]
+  assert trains[-1]['loss'] < trains[0]['loss']
+  assert glob.glob(os.path.join(wd, 'tb', 'events.out.tfevents.*'))
+  assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 10
+  # keep=1 keeps the newest (10); keep_best keeps the lower val loss, also step 10 here.
+  assert ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints')) == [10]
+  out = capsys.readouterr().out
+  assert 'unigram baseline' in out and 'final (step 10)' in out
+  train.main(small_argv(wd, train__steps=10))  # Rerun: resumes at the end, does nothing.
+  assert 'already holds the final step 10' in capsys.readouterr().out
+  assert len(metrics(wd)) == len(lines)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, root):
+  """Dropout on, so the RNG, the data position and the optimizer must all be restored."""
+  opts = dict(train__steps=24, checkpoint__every=4, model__dropout=0.1, train__eval_every=8)
+  straight = start(str(tmp_path / 'straight'), root, **opts)
+  killed_dir = str(tmp_path / 'killed')
+  killed = start(killed_dir, root, **opts)
+  deadline = time.time() + 300
+  ckpts = os.path.join(killed_dir, 'checkpoints')
+  while not (os.path.isdir(ckpts) and any(s >= 8 for s in ocp.utils.checkpoint_steps(ckpts))):
+    assert killed.poll() is None and time.time() < deadline, killed.stdout.read()
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  saved = max(ocp.utils.checkpoint_steps(ckpts))
+  assert saved < 24
+  resumed = start(killed_dir, root, **opts)
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out
+  assert f'resumed from {ckpts}/{saved}' in out
+  assert straight.wait(timeout=300) == 0, straight.stdout.read()
+  a, b = read_params(str(tmp_path / 'straight')), read_params(killed_dir)
+  assert a.keys() == b.keys() and len(a) > 10
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # metrics.jsonl has each step once: lines past the checkpoint were dropped on resume.
+  steps = [l['step'] for l in metrics(killed_dir) if l['split'] == 'train']
+  assert steps == list(range(1, 25))
+
+
+def test_sigterm_saves_and_exits(tmp_path, root):
+  wd = str(tmp_path / 'term')
+  proc = start(wd, root, train__steps=100000, checkpoint__every=1000)
+  path = os.path.join(wd, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while not (os.path.exists(path) and len(metrics(wd)) >= 3):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  step = ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints'))
+  assert len(step) == 1 and 3 <= step[0] < 1000 and f'SIGTERM: saved step {step[0]}' in out
+
+
+def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path):
+  wd = str(tmp_path / 'nan')
+  # A huge learning rate blows the params up after step 1; step 2's loss is not finite.
+  with pytest.raises(FloatingPointError, match='non-finite loss .* at step 2'):
+    train.main(small_argv(wd, optim__lr=1e30, optim__warmup_steps=0, optim__schedule='constant',
+                          optim__clip_norm=0.0, checkpoint__every=1, train__steps=10))
+  assert ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints')) == [1]
+
+
+def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
+  src = str(tmp_path / 'src')
+  train.main(small_argv(src, train__steps=4))
+  dst = str(tmp_path / 'dst')
+  # lr 0 leaves params untouched: the run's checkpoint must hold exactly the source params.
+  train.main(small_argv(dst, train__steps=1, train__init_from=src, optim__lr=0.0))
+  assert f'loaded params from {src}/checkpoints/4' in capsys.readouterr().out
+  a, b = read_params(src), read_params(dst)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  opt = ocp.PyTreeCheckpointer().restore(os.path.join(dst, 'checkpoints', '1', 'train'))
+  assert int(opt['step']) == 1  # The step counter restarted: a fresh optimizer, not a resume.
