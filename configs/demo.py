@@ -12,8 +12,7 @@ def get_config(arg=None):
     raise ValueError(f'configs/demo.py has no variant {arg!r}; known: next_token')
   c.data.source = 'demo'
   c.data.seq_len = 128
-  c.train.steps = 300
-  c.train.batch_size = 16
+  c.train.steps = 400
   c.train.eval_every = 100
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 30

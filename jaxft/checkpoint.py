@@ -9,6 +9,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxft import model
+
 
 def manager(workdir, ckpt_cfg):
   """CheckpointManager for <workdir>/checkpoints: keep the newest N, plus the best val loss."""
@@ -38,9 +40,32 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
+def _shapes(tree):
+  return {model.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class CheckpointMismatch(ValueError):
+  """Saved params that do not fit the model being built."""
+
+
+def check_params(params_dir, abstract_params):
+  """Fail, listing every difference, if saved params do not fit the model being built."""
+  saved = _shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata)
+  want = _shapes(abstract_params)
+  problems = [f'{k}: checkpoint {saved[k]} vs model {want[k]}'
+              for k in want if k in saved and saved[k] != want[k]]
+  problems += [f'missing in checkpoint: {k} {want[k]}' for k in want if k not in saved]
+  problems += [f'not in model: {k} {saved[k]}' for k in saved if k not in want]
+  if problems:
+    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+    raise CheckpointMismatch(f'checkpoint {params_dir} does not match the model config '
+                             f'({len(problems)} differences):\n  ' + '\n  '.join(problems[:20]) + more)
+
+
 def restore(mngr, abstract_state, shardings, step=None):
   """(state, data_state) of `step` (default: latest), placed with `shardings`."""
   step = mngr.latest_step() if step is None else step
+  check_params(os.path.join(mngr.directory, str(step), 'params'), abstract_state['params'])
   rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
   out = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(_abstract(abstract_state['params'], shardings['params'])),
@@ -67,6 +92,7 @@ def resolve(path):
 def restore_params(path, abstract_params, shardings):
   """Params alone from a jaxft checkpoint (workdir or step dir), onto the current mesh."""
   directory, step = resolve(path)
+  check_params(os.path.join(directory, str(step), 'params'), abstract_params)
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as m:
     out = m.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(abstract_params, shardings))))

@@ -59,6 +59,19 @@ def config_from(model_cfg, tokenizer_vocab_size):
                    dropout=model_cfg.dropout, dtype=model_cfg.dtype)
 
 
+def path_str(key_path):
+  """Tree key path -> 'h/0/attn/c_attn_kernel' (the Variable's own `.value` key dropped)."""
+  parts = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in key_path]
+  if parts and parts[-1] == 'value':
+    parts = parts[:-1]
+  return '/'.join(str(p) for p in parts)
+
+
+def map_with_path(fn, tree):
+  """jax.tree.map with the parameter path string as the first argument."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+
+
 def _param(rngs, shape, axes, std=None):
   """A float32 Param, normal(std) or zeros, annotated with logical axis names."""
   value = jnp.zeros(shape) if std is None else std * jax.random.normal(rngs.params(), shape)

@@ -1,21 +1,9 @@
 """The optax chain from config: clip -> AdamW (masked weight decay) on a warm-up + decay schedule."""
 import re
 
-import jax
 import optax
 
-
-def path_str(key_path):
-  """Tree key path -> 'h/0/attn/c_attn_kernel' (the Variable's own `.value` key dropped)."""
-  parts = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in key_path]
-  if parts and parts[-1] == 'value':
-    parts = parts[:-1]
-  return '/'.join(str(p) for p in parts)
-
-
-def map_with_path(fn, tree):
-  """jax.tree.map with the parameter path string as the first argument."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+from jaxft import model
 
 
 def schedule(optim_cfg, steps):
@@ -34,7 +22,7 @@ def schedule(optim_cfg, steps):
 def build(optim_cfg, steps):
   """(optax transformation, learning-rate schedule)."""
   no_decay = re.compile(optim_cfg.no_decay) if optim_cfg.no_decay else None
-  decay_mask = lambda params: map_with_path(
+  decay_mask = lambda params: model.map_with_path(
       lambda path, _: not (no_decay and no_decay.search(path)), params)
   lr = schedule(optim_cfg, steps)
   tx = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,

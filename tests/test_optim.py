@@ -48,8 +48,8 @@ def test_weight_decay_mask_excludes_bias_layernorm_embeddings():
   params = init_fn()['params']
   zeros = jax.tree.map(np.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
-  moved = optim.map_with_path(lambda path, u: bool(np.any(np.asarray(u) != 0)), updates)
+  moved = model_lib.map_with_path(lambda path, u: bool(np.any(np.asarray(u) != 0)), updates)
   flat = {path: m for path, m in jax.tree_util.tree_leaves_with_path(moved)}
-  decayed = sorted(optim.path_str(p) for p, m in flat.items() if m)
+  decayed = sorted(model_lib.path_str(p) for p, m in flat.items() if m)
   assert decayed == sorted(f'h/{i}/{n}' for i in range(2) for n in (
       'attn/c_attn_kernel', 'attn/c_proj_kernel', 'mlp/c_fc_kernel', 'mlp/c_proj_kernel'))

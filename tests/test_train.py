@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import small_argv
-from jaxft import train
+from jaxft import checkpoint, train
 
 
 def read_params(workdir, step=None):
@@ -128,3 +128,25 @@ def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   opt = ocp.PyTreeCheckpointer().restore(os.path.join(dst, 'checkpoints', '1', 'train'))
   assert int(opt['step']) == 1  # The step counter restarted: a fresh optimizer, not a resume.
+  # A checkpoint of another model size is refused with the differences listed.
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r'(?s)40 differences.*c_attn_kernel: '
+                     r'checkpoint \(32, 3, 4, 8\) vs model \(64, 3, 4, 16\).*and 20 more'):
+    train.main(small_argv(str(tmp_path / 'bad'), train__steps=1, train__init_from=src,
+                          model__embed_dim=64, model__num_layers=3))
+
+
+def test_resume_onto_a_different_mesh(tmp_path, capsys):
+  """A checkpoint written on an (8,1,1) mesh resumes on (2,2,2) and lands where (8,1,1) does."""
+  import shutil
+  a = str(tmp_path / 'a')
+  opts = dict(train__steps=8, checkpoint__every=4, checkpoint__keep=5, checkpoint__keep_best=False)
+  train.main(small_argv(a, **opts))
+  b = str(tmp_path / 'b')
+  shutil.copytree(a, b)
+  shutil.rmtree(os.path.join(b, 'checkpoints', '8'))
+  train.main(small_argv(b, mesh__data=2, mesh__fsdp=2, mesh__tensor=2, **opts))
+  out = capsys.readouterr().out
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in out and 'checkpoints/4' in out
+  pa, pb = read_params(a), read_params(b)
+  for k in pa:
+    np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
