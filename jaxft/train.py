@@ -164,9 +164,12 @@ def run(cfg, workdir):
 
   mngr = checkpoint.manager(workdir, cfg.checkpoint)
   train_iter = iter(data.train_dataset(examples['train'], T.batch_size, cfg.seed))
+  # Cumulative counts travel with the data position in the checkpoint.
+  totals = {'tokens': 0.0, 'supervised_tokens': 0.0}
   if mngr.latest_step() is not None:
     state, data_state = checkpoint.restore(mngr, abstract, shardings)
-    train_iter.set_state(data_state)
+    train_iter.set_state(data_state['iterator'])
+    totals = data_state['totals']
     log(f'resumed from {mngr.directory}/{mngr.latest_step()}')
   else:
     state = init_fn()
@@ -175,11 +178,17 @@ def run(cfg, workdir):
                                                        shardings['params'])
       log(f'init_from: loaded params from {src} (fresh optimizer)')
   step = int(state['step'])
+  if step >= T.steps:
+    log(f'{workdir} already holds the final step {step}; nothing to do')
+    mngr.close()
+    return state
 
   train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum)
   eval_step = evaluate.make_eval_step(graphdef, objective)
   baseline = data.unigram_baseline(examples['train'], examples['val'], model_cfg.vocab_size)
   metrics_log = MetricsLog(workdir, step)
+  progress = Progress(step, T.steps)
+  window = {'tokens': 0.0, 'time': time.time()}
 
   def run_eval(split, max_batches):
     result = evaluate.evaluate(eval_step, state['params'], examples[split], T.batch_size, mesh,
@@ -187,57 +196,66 @@ def run(cfg, workdir):
     metrics_log.write(step, split, result)
     return result
 
+  def save(ckpt_metrics=None):
+    checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals},
+                    ckpt_metrics)
+
+  def record(at_step, metrics):
+    """Check and log one step's metrics (blocks until that step has run)."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+      raise FloatingPointError(f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at '
+                               f'step {at_step} (batch {at_step - 1} of the train stream); '
+                               f'stopping without saving this state')
+    if m['supervised_tokens'] == 0:
+      raise data.DataError(f'train batch at step {at_step} has no supervised token')
+    for k in totals:
+      totals[k] += m[k]
+    window['tokens'] += m['tokens']
+    if at_step % T.log_every == 0 or at_step == T.steps:
+      now = time.time()
+      line = {**m, 'tokens_per_s': window['tokens'] / max(now - window['time'], 1e-9),
+              'total_tokens': totals['tokens'],
+              'total_supervised_tokens': totals['supervised_tokens']}
+      metrics_log.write(at_step, 'train', line)
+      progress.update(at_step, line)
+      window.update(tokens=0.0, time=now)
+
   # SIGTERM (preemption, scancel, Ctrl-C in some launchers): checkpoint at the next step and exit.
   stop = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-  progress = Progress(step, T.steps)
-  window = {'tokens': 0.0, 'time': time.time()}
-  totals = {'tokens': 0.0, 'supervised_tokens': 0.0}
-  if step >= T.steps:
-    log(f'{workdir} already holds the final step {step}; nothing to do')
-    mngr.close()
-    return state
+  pending = None
   try:
     while step < T.steps:
       batch = sharding.shard_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
       step += 1
-      # Reading the metrics every step waits for the device (one sync per step): the price of
-      # stopping on the first NaN before any later state can be checkpointed.
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-        raise FloatingPointError(f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at '
-                                 f'step {step} (batch {step - 1} of the train stream); stopping '
-                                 f'without saving this state')
-      if m['supervised_tokens'] == 0:
-        raise data.DataError(f'train batch at step {step} has no supervised token')
-      for k in totals:
-        totals[k] += m[k]
-      window['tokens'] += m['tokens']
-      if step % T.log_every == 0 or step == T.steps:
-        now = time.time()
-        line = {**m, 'tokens_per_s': window['tokens'] / max(now - window['time'], 1e-9),
-                'total_tokens': totals['tokens'],
-                'total_supervised_tokens': totals['supervised_tokens']}
-        metrics_log.write(step, 'train', line)
-        progress.update(step, line)
-        window = {'tokens': 0.0, 'time': now}
+      # The previous step's metrics are read while this one runs: the device never waits for
+      # the host, yet a NaN is caught before any later state can be saved (saves follow a sync).
+      if pending:
+        record(*pending)
+      pending = (step, metrics)
+      evaluate_now = step % T.eval_every == 0
+      save_now = step % cfg.checkpoint.every == 0 or bool(stop)
+      if evaluate_now or save_now or step == T.steps:
+        record(*pending)
+        pending = None
       if step == T.steps:
         break  # The final evaluation and checkpoint follow the loop.
       ckpt_metrics = None
-      if step % T.eval_every == 0:
+      if evaluate_now:
         val = run_eval('val', T.eval_batches)
         ckpt_metrics = {'val_loss': val['loss']}
         log(f'step {step}: val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f})')
-      if step % cfg.checkpoint.every == 0 or stop:
-        checkpoint.save(mngr, state, train_iter.get_state(), ckpt_metrics)
+      if save_now:
+        save(ckpt_metrics)
       if stop:
         log(f'SIGTERM: saved step {step}, exiting; rerun the same command to resume')
         break
     if not stop:
       val, test = run_eval('val', 0), run_eval('test', 0)
       if mngr.latest_step() != step:
-        checkpoint.save(mngr, state, train_iter.get_state(), {'val_loss': val['loss']})
+        save({'val_loss': val['loss']})
       log(f'final (step {step}): val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f}), '
           f'test loss {test["loss"]:.4f}')
   finally:

@@ -1,0 +1,75 @@
+"""Benchmark the train step: tokens/s, step time, model FLOP/s and peak memory for a config.
+
+    python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
+
+Random tokens stand in for data (the input pipeline is not what is measured). Prints one JSON line.
+"""
+import json
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxft import config as config_lib, model as model_lib, objectives, optim, sharding, \
+    tokenizer as tokenizer_lib, train
+
+
+def step_flops(model_cfg, batch, seq_len):
+  """Matmul FLOPs of one train step (forward + backward = 3x forward), as in the PaLM appendix."""
+  D, F, L, V = model_cfg.embed_dim, model_cfg.mlp_dim, model_cfg.num_layers, model_cfg.vocab_size
+  per_token = L * (2 * 4 * D * D + 2 * 2 * D * F + 2 * 2 * seq_len * D) + 2 * D * V
+  return 3 * per_token * batch * seq_len
+
+
+def bench(cfg, steps):
+  mesh = sharding.make_mesh(cfg.mesh)
+  tok = tokenizer_lib.build(cfg.tokenizer)
+  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
+  tx, lr = optim.build(cfg.optim, cfg.train.steps)
+  graphdef, _, _, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
+  state = init_fn()
+  step_fn = train.make_train_step(graphdef, objectives.get(cfg.objective), tx, lr,
+                                  cfg.train.grad_accum)
+  B, T = cfg.train.batch_size, cfg.data.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, tok.vocab_size, (B, T + 1)).astype(np.int32)
+  batch = sharding.shard_batch({'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],
+                                'loss_mask': np.ones((B, T), np.float32)}, mesh)
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step_fn(state, batch)
+  jax.block_until_ready(metrics)
+  step_s = (time.perf_counter() - t0) / steps
+  flops = step_flops(model_cfg, B, T)
+  mem = jax.devices()[0].memory_stats() or {}
+  return {
+      'platform': jax.devices()[0].platform, 'devices': jax.device_count(),
+      'mesh': dict(mesh.shape), 'model': model_cfg.__dict__,
+      'batch_size': B, 'seq_len': T, 'grad_accum': cfg.train.grad_accum,
+      'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
+      'tokens_per_s': round(B * T / step_s, 1), 'model_tflops_per_s': round(flops / step_s / 1e12, 4),
+      'peak_device_bytes': mem.get('peak_bytes_in_use'),
+      'peak_host_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
+
+
+def main(argv):
+  steps = 20
+  rest = []
+  for a in argv:
+    if a.startswith('--steps='):
+      steps = int(a.split('=', 1)[1])
+    else:
+      rest.append(a)
+  cfg, _ = config_lib.parse_args(rest)
+  print(json.dumps(bench(cfg, steps)))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

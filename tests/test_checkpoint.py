@@ -1,0 +1,19 @@
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxft import checkpoint
+
+
+def test_keeps_newest_n_plus_best_val_loss(tmp_path):
+  cfg = ml_collections.ConfigDict({'keep': 2, 'keep_best': True, 'async_save': True})
+  mngr = checkpoint.manager(str(tmp_path), cfg)
+  for step, val_loss in [(1, 3.0), (2, 0.5), (3, 2.0), (4, 1.0), (5, None), (6, 4.0)]:
+    state = {'params': {'w': np.full(3, step, np.float32)}, 'step': np.int32(step)}
+    checkpoint.save(mngr, state, {'iterator': {'next_index': step}},
+                    None if val_loss is None else {'val_loss': val_loss})
+  mngr.wait_until_finished()
+  assert sorted(ocp.utils.checkpoint_steps(str(tmp_path / 'checkpoints'))) == [2, 5, 6]
+  restored = ocp.PyTreeCheckpointer().restore(str(tmp_path / 'checkpoints' / '2' / 'params'))
+  np.testing.assert_array_equal(restored['w'], [2, 2, 2])
+  mngr.close()
