@@ -150,3 +150,15 @@ def test_resume_onto_a_different_mesh(tmp_path, capsys):
   pa, pb = read_params(a), read_params(b)
   for k in pa:
     np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
+  src = tmp_path / 'corpus.jsonl'
+  src.write_text(''.join(json.dumps({'body': f'the {i} cat sat on the {i % 7} mat. '}) + '\n'
+                         for i in range(400)))
+  wd = str(tmp_path / 'files')
+  train.main(small_argv(wd, data__source='files', data__train=str(src), data__text_field='body',
+                        data__val_fraction=0.1, data__test_fraction=0.1, train__steps=3))
+  out = capsys.readouterr().out
+  assert 'final (step 3)' in out
+  assert {l['split'] for l in metrics(wd)} == {'train', 'val', 'test'}
