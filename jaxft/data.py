@@ -8,6 +8,7 @@ import glob
 import json
 
 import grain
+import jax
 import numpy as np
 
 from jaxft import demo_data
@@ -84,7 +85,6 @@ def load_splits(data_cfg, seed):
 
 def _process_rows(batch_size):
   """This host's slice of each global batch."""
-  import jax  # Local import: data.py stays usable without initialising a JAX backend.
   n, i = jax.process_count(), jax.process_index()
   if batch_size % n:
     raise DataError(f'global batch {batch_size} does not divide over {n} processes')

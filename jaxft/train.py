@@ -146,9 +146,11 @@ def run(cfg, workdir):
   log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, '
       f'{jax.process_count()} process(es)')
   T = cfg.train
-  if T.batch_size % T.grad_accum:
-    raise ValueError(f'train.batch_size={T.batch_size} is not divisible by '
-                     f'train.grad_accum={T.grad_accum}')
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if T.batch_size % (T.grad_accum * batch_shards):
+    raise config_lib.ConfigError(
+        f'train.batch_size={T.batch_size} must divide into train.grad_accum={T.grad_accum} '
+        f'micro-batches over mesh.data x mesh.fsdp = {batch_shards} devices')
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   splits = data.load_splits(cfg.data, cfg.seed)
@@ -156,7 +158,7 @@ def run(cfg, workdir):
   log('examples: ' + ', '.join(f'{s} {len(e["tokens"])}' for s, e in examples.items()))
   model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
   if cfg.data.seq_len > model_cfg.max_len:
-    raise ValueError(f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
+    raise config_lib.ConfigError(f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
   tx, lr_schedule = optim.build(cfg.optim, T.steps)
   graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(abstract['params']))

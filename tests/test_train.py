@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import small_argv
-from jaxft import checkpoint, train
+from jaxft import checkpoint, config as config_lib, train
 
 
 def read_params(workdir, step=None):
@@ -162,3 +162,11 @@ def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
   out = capsys.readouterr().out
   assert 'final (step 3)' in out
   assert {l['split'] for l in metrics(wd)} == {'train', 'val', 'test'}
+
+
+def test_inconsistent_sizes_fail_before_training(tmp_path):
+  with pytest.raises(config_lib.ConfigError, 
+                     match=r'batch_size=12 must divide into .*grad_accum=1 .* 8 devices'):
+    train.main(small_argv(str(tmp_path / 'a'), train__batch_size=12))
+  with pytest.raises(config_lib.ConfigError, match=r'data.seq_len=100 > model max_len=64'):
+    train.main(small_argv(str(tmp_path / 'b'), data__seq_len=100))
