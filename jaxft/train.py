@@ -180,6 +180,10 @@ def run(cfg, workdir):
                                                        shardings['params'])
       log(f'init_from: loaded params from {src} (fresh optimizer)')
   step = int(state['step'])
+  # Written only now that the config has proven it fits the workdir's checkpoint: a bad rerun
+  # must not overwrite the record of what was trained.
+  if jax.process_index() == 0:
+    config_lib.save(cfg, workdir)
   if step >= T.steps:
     log(f'{workdir} already holds the final step {step}; nothing to do')
     mngr.close()
@@ -275,7 +279,6 @@ def main(argv):
     jax.distributed.initialize()
   if jax.process_index() == 0:
     print(cfg)
-    config_lib.save(cfg, workdir)
   run(cfg, workdir)
 
 

@@ -129,10 +129,17 @@ def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
   opt = ocp.PyTreeCheckpointer().restore(os.path.join(dst, 'checkpoints', '1', 'train'))
   assert int(opt['step']) == 1  # The step counter restarted: a fresh optimizer, not a resume.
   # A checkpoint of another model size is refused with the differences listed.
+  bad = str(tmp_path / 'bad')
   with pytest.raises(checkpoint.CheckpointMismatch, match=r'(?s)40 differences.*c_attn_kernel: '
                      r'checkpoint \(32, 3, 4, 8\) vs model \(64, 3, 4, 16\).*and 20 more'):
-    train.main(small_argv(str(tmp_path / 'bad'), train__steps=1, train__init_from=src,
+    train.main(small_argv(bad, train__steps=1, train__init_from=src,
                           model__embed_dim=64, model__num_layers=3))
+  assert not os.path.exists(os.path.join(bad, 'config.json'))
+  # Resuming src with a config that does not fit its checkpoint leaves its record untouched.
+  before = open(os.path.join(src, 'config.json')).read()
+  with pytest.raises(checkpoint.CheckpointMismatch):
+    train.main(small_argv(src, train__steps=8, model__embed_dim=64))
+  assert open(os.path.join(src, 'config.json')).read() == before
 
 
 def test_resume_onto_a_different_mesh(tmp_path, capsys):
