@@ -158,7 +158,8 @@ def run(cfg, workdir):
   log('examples: ' + ', '.join(f'{s} {len(e["tokens"])}' for s, e in examples.items()))
   model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
   if cfg.data.seq_len > model_cfg.max_len:
-    raise config_lib.ConfigError(f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
+    raise config_lib.ConfigError(
+        f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
   tx, lr_schedule = optim.build(cfg.optim, T.steps)
   graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(abstract['params']))
@@ -241,8 +242,9 @@ def run(cfg, workdir):
       if pending:
         record(*pending)
       pending = (step, metrics)
+      stopping = bool(stop)  # Read once: a signal landing mid-iteration waits for the next one.
       evaluate_now = step % T.eval_every == 0
-      save_now = step % cfg.checkpoint.every == 0 or bool(stop)
+      save_now = step % cfg.checkpoint.every == 0 or stopping
       if evaluate_now or save_now or step == T.steps:
         record(*pending)
         pending = None
@@ -255,10 +257,10 @@ def run(cfg, workdir):
         log(f'step {step}: val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f})')
       if save_now:
         save(ckpt_metrics)
-      if stop:
+      if stopping:
         log(f'SIGTERM: saved step {step}, exiting; rerun the same command to resume')
         break
-    if not stop:
+    if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved.
       val, test = run_eval('val', 0), run_eval('test', 0)
       if mngr.latest_step() != step:
         save({'val_loss': val['loss']})

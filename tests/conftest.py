@@ -20,19 +20,23 @@ SMALL = {
 }
 
 
+def _small(overrides):
+  """SMALL plus `overrides` given as keyword arguments ('__' stands for '.')."""
+  return {**SMALL, **{k.replace('__', '.'): str(v) for k, v in overrides.items()}}
+
+
 def small_config(**overrides):
-  """configs/demo.py with SMALL and `overrides` (dotted keys with '__' for '.') applied."""
+  """configs/demo.py with SMALL and `overrides` applied."""
   cfg = config_lib.load_file(os.path.join(ROOT, 'configs', 'demo.py'))
-  for k, v in {**SMALL, **{k.replace('__', '.'): str(v) for k, v in overrides.items()}}.items():
+  for k, v in _small(overrides).items():
     config_lib.override(cfg, k, v)
   return cfg
 
 
 def small_argv(workdir, **overrides):
   """Command line for `python -m jaxft.train` with the same small config."""
-  items = {**SMALL, **{k.replace('__', '.'): str(v) for k, v in overrides.items()}}
   return ['--config=configs/demo.py', f'--workdir={workdir}'] + \
-      [f'--config.{k}={v}' for k, v in items.items()]
+      [f'--config.{k}={v}' for k, v in _small(overrides).items()]
 
 
 @pytest.fixture
