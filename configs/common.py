@@ -39,8 +39,17 @@ def get_config(arg=None):
   c.data.test = ''  # Empty: hold out test_fraction of the train records.
   c.data.val_fraction = 0.05
   c.data.test_fraction = 0.05
-  c.data.text_field = 'text'  # JSONL field read by next_token.
-  c.data.seq_len = 128  # Tokens per training sequence; documents are packed end to end.
+  c.data.seq_len = 128  # Tokens per row; next_token / labeled_pair pack several examples a row.
+  c.data.pack = True  # Pack examples into rows as segments (attention stays inside each); False: one per row.
+  c.data.text_field = 'text'  # Read by next_token and classification.
+  c.data.prompt_field = 'prompt'  # labeled_pair: loss on the completion tokens (+ EOS) only.
+  c.data.completion_field = 'completion'
+  c.data.prompt_template = '{prompt}'  # labeled_pair: how the prompt is shown, e.g. 'Q: {prompt}\nA: '.
+  c.data.truncation_side = 'left'  # Too long: 'left' cuts the prompt (classification: text) from the start; 'right' from the end.
+  c.data.drop_unsupervised = False  # An example left with no supervised token: error (False) or drop and count.
+  c.data.label_field = 'label'  # classification: an int in [0, num_labels) or one of label_names.
+  c.data.num_labels = 0  # classification: number of classes; 0 = len(label_names).
+  c.data.label_names = ''  # classification: comma-separated class names, e.g. 'neg,pos'.
   c.data.demo = ml_collections.ConfigDict()
   c.data.demo.num_examples = 20_000  # Size of the generated demo corpus.
 
@@ -51,7 +60,9 @@ def get_config(arg=None):
   c.train.log_every = 10  # Steps between metrics.jsonl / TensorBoard train lines.
   c.train.eval_every = 100  # Steps between validation passes (and at the end).
   c.train.eval_batches = 20  # Cap on validation batches per pass; 0 = the whole split.
-  c.train.init_from = ''  # jaxft workdir or checkpoint step dir: load its params, fresh optimizer.
+  c.train.init_from = ''  # jaxft workdir or step dir: load shared params (a new head starts fresh).
+  c.train.trainable = 'all'  # 'all', 'head' (classification's score: frozen backbone) or a path regex.
+  c.train.exact_match_examples = 256  # labeled_pair: greedy completions scored per eval; 0 = skip.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4  # Peak learning rate after warm-up.

@@ -2,7 +2,8 @@
 
     python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
 
-Random tokens stand in for data (the input pipeline is not what is measured). Prints one JSON line.
+Random text, encoded by the run's objective into full rows, stands in for data (the input pipeline
+is not what is measured). Prints one JSON line.
 """
 import json
 import resource
@@ -23,20 +24,32 @@ def step_flops(model_cfg, batch, seq_len):
   return 3 * per_token * batch * seq_len
 
 
+def synthetic_batch(objective, tok, data_cfg, batch_size):
+  """A batch of full rows: one random seq_len-character text per row (half prompt, half
+  completion for labeled_pair), encoded by the objective."""
+  rng = np.random.default_rng(0)
+  T = data_cfg.seq_len
+  records = []
+  for i in range(batch_size):
+    text = ''.join(chr(c) for c in rng.integers(ord('a'), ord('z') + 1, T))
+    records.append(({data_cfg.text_field: text, data_cfg.prompt_field: text[:T // 2],
+                     data_cfg.completion_field: text[T // 2:], data_cfg.label_field: 0},
+                    f'bench:{i}'))
+  return {k: v[:batch_size] for k, v in objective.encode(records, tok, data_cfg).items()}
+
+
 def bench(cfg, steps):
   mesh = sharding.make_mesh(cfg.mesh)
   tok = tokenizer_lib.build(cfg.tokenizer)
-  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
+  objective = objectives.get(cfg.objective)
+  num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
+  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
   tx, lr = optim.build(cfg.optim, cfg.train.steps)
   graphdef, _, _, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
   state = init_fn()
-  step_fn = train.make_train_step(graphdef, objectives.get(cfg.objective), tx, lr,
-                                  cfg.train.grad_accum)
+  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum)
   B, T = cfg.train.batch_size, cfg.data.seq_len
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, tok.vocab_size, (B, T + 1)).astype(np.int32)
-  batch = sharding.shard_batch({'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],
-                                'loss_mask': np.ones((B, T), np.float32)}, mesh)
+  batch = sharding.shard_batch(synthetic_batch(objective, tok, cfg.data, B), mesh)
   t0 = time.perf_counter()
   state, metrics = step_fn(state, batch)
   jax.block_until_ready(metrics)

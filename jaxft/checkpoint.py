@@ -48,18 +48,33 @@ class CheckpointMismatch(ValueError):
   """Saved params that do not fit the model being built."""
 
 
-def check_params(params_dir, abstract_params):
-  """Fail, listing every difference, if saved params do not fit the model being built."""
-  saved = _shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata)
-  want = _shapes(abstract_params)
+def _saved_shapes(params_dir):
+  return _shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata)
+
+
+def _fail(params_dir, problems):
+  more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+  raise CheckpointMismatch(f'checkpoint {params_dir} does not match the model config '
+                           f'({len(problems)} differences):\n  ' + '\n  '.join(problems[:20]) + more)
+
+
+def check_params(params_dir, abstract_params, new_ok=None):
+  """Fail, listing every difference, if saved params do not fit the model being built.
+
+  Strict by default (resuming): both hold exactly the same params. For fine-tuning, params for
+  which new_ok(path) holds may be absent from the checkpoint, and saved params the model lacks
+  are tolerated. Returns (saved shapes, model shapes) by path.
+  """
+  saved, want = _saved_shapes(params_dir), _shapes(abstract_params)
   problems = [f'{k}: checkpoint {saved[k]} vs model {want[k]}'
               for k in want if k in saved and saved[k] != want[k]]
-  problems += [f'missing in checkpoint: {k} {want[k]}' for k in want if k not in saved]
-  problems += [f'not in model: {k} {saved[k]}' for k in saved if k not in want]
+  problems += [f'missing in checkpoint: {k} {want[k]}'
+               for k in want if k not in saved and not (new_ok and new_ok(k))]
+  if new_ok is None:
+    problems += [f'not in model: {k} {saved[k]}' for k in saved if k not in want]
   if problems:
-    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
-    raise CheckpointMismatch(f'checkpoint {params_dir} does not match the model config '
-                             f'({len(problems)} differences):\n  ' + '\n  '.join(problems[:20]) + more)
+    _fail(params_dir, problems)
+  return saved, want
 
 
 def restore(mngr, abstract_state, shardings, step=None):
@@ -89,11 +104,31 @@ def resolve(path):
   return path, max(steps)
 
 
-def restore_params(path, abstract_params, shardings):
-  """Params alone from a jaxft checkpoint (workdir or step dir), onto the current mesh."""
+def restore_params(path, params, shardings, new_ok):
+  """Params from a jaxft checkpoint (workdir or step dir) onto the current mesh, for fine-tuning.
+
+  Every param the model shares with the checkpoint is loaded; params for which new_ok(path) holds
+  (a new objective's head) may be missing and keep their value in `params` (fresh init); saved
+  params the model has no use for (an old head) are left out. Returns (params, report) where
+  report lists 'loaded', 'new' and 'ignored' paths and the 'source' step dir.
+  """
   directory, step = resolve(path)
-  check_params(os.path.join(directory, str(step), 'params'), abstract_params)
+  params_dir = os.path.join(directory, str(step), 'params')
+  saved, want = check_params(params_dir, params, new_ok)
+  flat_shardings = {model.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  target = {}
+  for p, x in jax.tree_util.tree_leaves_with_path(params):
+    key = model.path_str(p)
+    if key in saved:
+      node = target
+      for part in key.split('/'):
+        node = node.setdefault(part, {})
+      node['value'] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat_shardings[key])
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as m:
-    out = m.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(abstract_params, shardings))))
-  return out.params, f'{directory}/{step}'
+    out = m.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  loaded = {model.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(out.params)}
+  report = {'loaded': sorted(loaded), 'new': sorted(k for k in want if k not in saved),
+            'ignored': sorted(k for k in saved if k not in want), 'source': f'{directory}/{step}'}
+  return model.map_with_path(lambda k, x: loaded.get(k, x), params), report

@@ -117,13 +117,3 @@ def eval_batches(examples, batch_size, max_batches=0):
     batch = {k: v[np.where(real, idx, 0)] for k, v in examples.items()}
     batch['loss_mask'] = batch['loss_mask'] * real.reshape((-1,) + (1,) * (batch['loss_mask'].ndim - 1))
     yield {k: v[rows] for k, v in batch.items()}
-
-
-def unigram_baseline(train_examples, eval_examples, vocab_size):
-  """Cross-entropy (nats/token) of predicting every target from train unigram frequencies: the bar
-  a language model must clear. Add-one smoothing keeps unseen tokens finite."""
-  def targets(ex):
-    return ex['targets'][ex['loss_mask'] > 0]
-  counts = np.bincount(targets(train_examples), minlength=vocab_size) + 1.0
-  logp = np.log(counts / counts.sum())
-  return float(-logp[targets(eval_examples)].mean())

@@ -32,13 +32,14 @@ class GPTConfig:
   dropout: float = 0.0
   ln_eps: float = 1e-5
   dtype: str = 'float32'  # Compute dtype; parameters are always float32.
+  num_labels: int = 0  # > 0 adds the classification head `score` (HF GPT2ForSequenceClassification).
 
   @property
   def head_dim(self):
     return self.embed_dim // self.num_heads
 
 
-def config_from(model_cfg, tokenizer_vocab_size):
+def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
   """Resolve `config.model` (preset + overrides) into a GPTConfig."""
   if model_cfg.size not in SIZES:
     raise ValueError(f'unknown model.size {model_cfg.size!r}; known: {", ".join(SIZES)}')
@@ -56,7 +57,7 @@ def config_from(model_cfg, tokenizer_vocab_size):
     raise ValueError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
   return GPTConfig(vocab_size=vocab, num_layers=layers, num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
-                   dropout=model_cfg.dropout, dtype=model_cfg.dtype)
+                   dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels)
 
 
 def path_str(key_path):
@@ -67,9 +68,9 @@ def path_str(key_path):
   return '/'.join(str(p) for p in parts)
 
 
-def map_with_path(fn, tree):
+def map_with_path(fn, tree, *rest):
   """jax.tree.map with the parameter path string as the first argument."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+  return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
 
 
 def _param(rngs, shape, axes, std=None):
@@ -158,7 +159,8 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-  """GPT-2: learned positions, pre-LayerNorm blocks, tanh GELU, LM head tied to wte."""
+  """GPT-2: learned positions, pre-LayerNorm blocks, tanh GELU, LM head tied to wte, and with
+  cfg.num_labels a bias-free classification head `score` [embed, labels] (HF's score.weight.T)."""
 
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -166,6 +168,8 @@ class GPT(nnx.Module):
     self.wpe = _param(rngs, (cfg.max_len, cfg.embed_dim), (None, 'embed'), 0.01)
     self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.ln_f = LayerNorm(cfg, rngs)
+    if cfg.num_labels:
+      self.score = _param(rngs, (cfg.embed_dim, cfg.num_labels), ('embed', None), 0.02)
 
   def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, dropout_key=None):
     """Final hidden states [batch, length, embed] after ln_f.
@@ -194,6 +198,12 @@ class GPT(nnx.Module):
   def logits(self, hidden_BLD):
     """Tied LM head, float32 logits [batch, length, vocab]."""
     return jnp.einsum('bld,vd->blv', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def classify(self, hidden_BLD, last_B):
+    """Float32 class logits [batch, labels] from the hidden state at index last_B of each row."""
+    h_BD = jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)[:, 0]
+    return jnp.einsum('bd,dc->bc', h_BD, self.score[...].astype(h_BD.dtype),
                       preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_BL, **kwargs):

@@ -1,12 +1,20 @@
-"""Objectives as data: each one turns records into fixed-shape example arrays and defines a loss.
+"""Objectives as data: records -> fixed-shape example arrays, a loss, and evaluation metrics.
 
-Every objective's examples carry `tokens`, `targets` and `loss_mask` ([examples, seq_len]); the loss
-returns (sum of per-token losses, number of supervised tokens) so that micro-batches, hosts and
-eval batches add up exactly.
+Every example row has `tokens`, `positions` and `segment_ids` ([rows, seq_len]; segment id 0 marks
+padding). The language-model objectives add `targets` and `loss_mask` and pack several examples
+into a row, each a segment with its own positions (attention never crosses segments);
+classification adds `label` and a per-row `loss_mask` ([rows]). Losses return (sum, count of
+supervised units) so micro-batches, hosts and eval batches add up exactly.
+
+    next_token      text                  every real token carries loss
+    labeled_pair    prompt -> completion  only completion tokens (and the EOS after them)
+    classification  text -> label         one label per row, from the last real token's state
 """
+import collections
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -14,50 +22,275 @@ import optax
 from jaxft import data
 
 
-def encode_next_token(records, tokenizer, data_cfg):
-  """Pack all documents end to end (EOS between them) and cut windows of seq_len + 1 tokens."""
+class Encoded(dict):
+  """Example arrays by name, plus `sources`: the records ('file:line') behind each row."""
+
+  def __init__(self, arrays, sources, dropped=0):
+    super().__init__(arrays)
+    self.sources = sources
+    self.dropped = dropped
+
+
+def _text(rec, name, where):
+  value = data.field(rec, name, where)
+  if not isinstance(value, str):
+    raise data.DataError(f'{where}: field {name!r} must be a string, got {type(value).__name__}')
+  return value
+
+
+def _unsupervised(where, why, data_cfg, dropped):
+  """Drop-and-count or fail on an example that would carry no loss."""
+  if not data_cfg.drop_unsupervised:
+    raise data.DataError(f'{where}: {why}, so it carries no loss (set '
+                         f'data.drop_unsupervised=True to drop and count such examples)')
+  dropped.append(where)
+
+
+# Segments: (inputs, targets, loss mask) token lists of one example, at most seq_len long.
+
+def _next_token_segments(rec, where, tok, data_cfg, dropped):
+  """A document + EOS; documents longer than seq_len continue in further segments."""
+  ids = tok.encode(_text(rec, data_cfg.text_field, where)) + [tok.eos_id]
+  if len(ids) < 2:
+    _unsupervised(where, f'field {data_cfg.text_field!r} is empty', data_cfg, dropped)
+    return []
+  inputs, targets, T = ids[:-1], ids[1:], data_cfg.seq_len
+  return [(inputs[i:i + T], targets[i:i + T], [1.0] * len(targets[i:i + T]))
+          for i in range(0, len(inputs), T)]
+
+
+def prompt_completion_ids(rec, where, tok, data_cfg):
+  """(prompt ids, completion ids + EOS), truncated to fit seq_len + 1 tokens together.
+
+  data.truncation_side='left' cuts the prompt from the left (keeping at least one token), then the
+  completion from the right; 'right' cuts the joined sequence from the right, which may leave no
+  completion at all. An empty prompt becomes EOS, GPT-2's start-of-text.
+  """
+  prompt = data_cfg.prompt_template.format(prompt=_text(rec, data_cfg.prompt_field, where))
+  p = tok.encode(prompt) or [tok.eos_id]
+  c = tok.encode(_text(rec, data_cfg.completion_field, where)) + [tok.eos_id]
+  room = data_cfg.seq_len + 1
+  if len(p) + len(c) <= room:
+    return p, c
+  if data_cfg.truncation_side == 'left':
+    keep = max(1, room - len(c))
+    return p[len(p) - keep:], c[:room - keep]
+  if data_cfg.truncation_side == 'right':
+    return p[:room], c[:max(0, room - len(p))]
+  raise data.DataError(f"unknown data.truncation_side {data_cfg.truncation_side!r}; "
+                       f"known: 'left', 'right'")
+
+
+def _labeled_pair_segments(rec, where, tok, data_cfg, dropped):
+  p, c = prompt_completion_ids(rec, where, tok, data_cfg)
+  if not c:
+    _unsupervised(where, f'the prompt fills data.seq_len={data_cfg.seq_len} and the '
+                  f'completion is truncated away', data_cfg, dropped)
+    return []
+  ids = p + c
+  return [(ids[:-1], ids[1:], [0.0] * (len(p) - 1) + [1.0] * len(c))]
+
+
+def _pack(segments, seq_len, pad_id, pack):
+  """Place segments into rows of seq_len (next-fit, in order; one per row unless `pack`)."""
+  rows, sources, current = [], [], None
+  for seg, where in segments:
+    if current is None or not pack or len(current[0]) + len(seg[0]) > seq_len:
+      current = ([], [], [], [], [])
+      rows.append(current)
+      sources.append([])
+    tokens, targets, mask, positions, seg_ids = current
+    n = len(seg[0])
+    tokens += seg[0]
+    targets += seg[1]
+    mask += seg[2]
+    positions += range(n)
+    seg_ids += [seg_ids[-1] + 1 if seg_ids else 1] * n
+    if where not in sources[-1]:
+      sources[-1].append(where)
+  out = {k: np.zeros((len(rows), seq_len), dt) for k, dt in (
+      ('tokens', np.int32), ('targets', np.int32), ('loss_mask', np.float32),
+      ('positions', np.int32), ('segment_ids', np.int32))}
+  out['tokens'][:] = pad_id
+  out['targets'][:] = pad_id
+  for i, row in enumerate(rows):
+    for name, values in zip(('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids'), row):
+      out[name][i, :len(values)] = values
+  return out, sources
+
+
+def _encode_lm(segment_fn):
+  def encode(records, tok, data_cfg):
+    dropped, segments = [], []
+    for rec, where in records:
+      segments += [(seg, where) for seg in segment_fn(rec, where, tok, data_cfg, dropped)]
+    if not segments:
+      raise data.DataError(f'no example with a supervised token among {len(records)} records')
+    arrays, sources = _pack(segments, data_cfg.seq_len, tok.pad_id, data_cfg.pack)
+    return Encoded(arrays, sources, len(dropped))
+  return encode
+
+
+def labels(data_cfg):
+  """(num_labels, names): data.num_labels, or as many as data.label_names lists."""
+  names = [n.strip() for n in data_cfg.label_names.split(',')] if data_cfg.label_names else []
+  num = data_cfg.num_labels or len(names)
+  if num < 2:
+    raise data.DataError('classification needs data.num_labels >= 2 or data.label_names '
+                         '(comma-separated)')
+  if names and len(names) != num:
+    raise data.DataError(f'data.label_names has {len(names)} names but data.num_labels={num}')
+  return num, names or [str(i) for i in range(num)]
+
+
+def _label(rec, where, data_cfg):
+  """A record's label as an int in [0, num_labels): given as that int or as one of the names."""
+  num, names = labels(data_cfg)
+  value = data.field(rec, data_cfg.label_field, where)
+  if isinstance(value, str) and value in names:
+    return names.index(value)
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num:
+    raise data.DataError(f'{where}: field {data_cfg.label_field!r} = {value!r} is not a label '
+                         f'(an int in [0, {num}) or one of {names})')
+  return value
+
+
+def encode_classification(records, tok, data_cfg):
+  """One row per record: its text (truncated on data.truncation_side), padding, and its label."""
   T = data_cfg.seq_len
-  stream = []
-  for rec, where in records:
-    text = data.field(rec, data_cfg.text_field, where)
-    if not isinstance(text, str):
-      raise data.DataError(f'{where}: field {data_cfg.text_field!r} must be a string, '
-                           f'got {type(text).__name__}')
-    stream += tokenizer.encode(text) + [tokenizer.eos_id]
-  num = (len(stream) - 1) // T
-  if num == 0:
-    first = records[0][1] if records else 'no records'
-    raise data.DataError(f'{len(stream)} tokens (from {first} on) are fewer than one sequence of '
-                         f'data.seq_len + 1 = {T + 1}')
-  stream = np.asarray(stream[:num * T + 1], np.int32)
-  return {
-      'tokens': stream[:-1].reshape(num, T),
-      'targets': stream[1:].reshape(num, T),
-      'loss_mask': np.ones((num, T), np.float32),
-  }
+  n = len(records)
+  tokens = np.full((n, T), tok.pad_id, np.int32)
+  seg_ids = np.zeros((n, T), np.int32)
+  label = np.zeros((n,), np.int32)
+  for i, (rec, where) in enumerate(records):
+    ids = tok.encode(_text(rec, data_cfg.text_field, where))
+    if not ids:
+      raise data.DataError(f'{where}: field {data_cfg.text_field!r} is empty')
+    ids = ids[-T:] if data_cfg.truncation_side == 'left' else ids[:T]
+    tokens[i, :len(ids)] = ids
+    seg_ids[i, :len(ids)] = 1
+    label[i] = _label(rec, where, data_cfg)
+  positions = np.where(seg_ids > 0, np.arange(T, dtype=np.int32), 0)
+  return Encoded({'tokens': tokens, 'positions': positions, 'segment_ids': seg_ids,
+                  'label': label, 'loss_mask': np.ones((n,), np.float32)},
+                 [[where] for _, where in records])
+
+
+def audit(examples, split):
+  """Every row must carry loss: name the records of the first row that does not."""
+  mask = examples['loss_mask'].reshape(len(examples['loss_mask']), -1)
+  empty = np.flatnonzero(mask.sum(1) == 0)
+  if len(empty):
+    raise data.DataError(f'{split} row {empty[0]} has no supervised token; its records: '
+                         f'{", ".join(examples.sources[empty[0]])}')
+
+
+def _hidden(model, batch, dropout_key):
+  return model.hidden(batch['tokens'], positions_BL=batch['positions'],
+                      segment_ids_BL=batch['segment_ids'], dropout_key=dropout_key)
+
+
+def token_losses(model, batch, dropout_key=None):
+  """Per-token next-token cross-entropy [batch, length], zero where the loss mask is."""
+  logits_BLV = model.logits(_hidden(model, batch, dropout_key))
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets']) * \
+      batch['loss_mask']
 
 
 def token_loss(model, batch, dropout_key=None):
-  """Masked next-token cross-entropy: (sum over supervised tokens, number of them)."""
-  logits_BLV = model(batch['tokens'], dropout_key=dropout_key)
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets'])
-  mask_BL = batch['loss_mask']
-  return jnp.sum(ce_BL * mask_BL), jnp.sum(mask_BL)
+  """(sum of masked next-token cross-entropy, number of supervised tokens)."""
+  return jnp.sum(token_losses(model, batch, dropout_key)), jnp.sum(batch['loss_mask'])
+
+
+def class_logits(model, batch, dropout_key=None):
+  """[batch, labels] logits at each row's last real token (rows are right-padded)."""
+  last_B = jnp.maximum(jnp.sum(batch['segment_ids'] > 0, axis=1) - 1, 0)
+  return model.classify(_hidden(model, batch, dropout_key), last_B)
+
+
+def class_loss(model, batch, dropout_key=None):
+  """(sum of cross-entropy over labeled rows, number of labeled rows)."""
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(
+      class_logits(model, batch, dropout_key), batch['label'])
+  return jnp.sum(ce_B * batch['loss_mask']), jnp.sum(batch['loss_mask'])
+
+
+def lm_eval_sums(model, batch):
+  s, c = token_loss(model, batch)
+  return {'loss_sum': s, 'count': c}
+
+
+def class_eval_sums(model, batch):
+  """Loss sums and the confusion matrix [true, predicted] of a batch (padding rows count 0)."""
+  logits_BC = class_logits(model, batch)
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch['label'])
+  C = logits_BC.shape[-1]
+  onehot = lambda x: jax.nn.one_hot(x, C, dtype=jnp.float32)
+  confusion = jnp.einsum('bt,bp->tp', onehot(batch['label']) * batch['loss_mask'][:, None],
+                         onehot(jnp.argmax(logits_BC, -1)))
+  return {'loss_sum': jnp.sum(ce_B * batch['loss_mask']), 'count': jnp.sum(batch['loss_mask']),
+          'confusion': confusion}
+
+
+def lm_metrics(sums):
+  loss = sums['loss_sum'] / sums['count']
+  return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0)))}
+
+
+def class_metrics(sums):
+  """Loss, accuracy, macro-F1 (classes absent from both truth and predictions are skipped) and
+  the confusion matrix (rows: true label, columns: predicted)."""
+  cm = np.asarray(sums['confusion'])
+  tp, true, pred = np.diag(cm), cm.sum(1), cm.sum(0)
+  present = (true + pred) > 0
+  f1 = 2 * tp[present] / (true + pred)[present]
+  return {'loss': sums['loss_sum'] / sums['count'], 'accuracy': float(tp.sum() / cm.sum()),
+          'macro_f1': float(f1.mean()), 'confusion': cm.astype(int).tolist()}
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   name: str
-  encode: Callable  # (records, tokenizer, data_cfg) -> {name: np.ndarray [examples, ...]}
-  loss: Callable  # (model, batch, dropout_key) -> (loss_sum, supervised_tokens)
+  encode: Callable  # (records, tokenizer, data_cfg) -> Encoded example arrays
+  loss: Callable  # (model, batch, dropout_key) -> (loss_sum, supervised count)
+  eval_sums: Callable  # (model, batch) -> {name: array summed over the batch}
+  metrics: Callable  # (sums over a split, as floats/np arrays) -> {metric: value}
+  has_head: bool = False  # Needs model.score (data labels decide its size).
 
 
 OBJECTIVES = {
-    'next_token': Objective('next_token', encode_next_token, token_loss),
+    'next_token': Objective('next_token', _encode_lm(_next_token_segments), token_loss,
+                            lm_eval_sums, lm_metrics),
+    'labeled_pair': Objective('labeled_pair', _encode_lm(_labeled_pair_segments), token_loss,
+                              lm_eval_sums, lm_metrics),
+    'classification': Objective('classification', encode_classification, class_loss,
+                                class_eval_sums, class_metrics, has_head=True),
 }
 
 
 def get(name):
   if name not in OBJECTIVES:
-    raise ValueError(f'unknown objective {name!r}; known: {", ".join(OBJECTIVES)}')
+    raise data.DataError(f'unknown objective {name!r}; known: {", ".join(OBJECTIVES)}')
   return OBJECTIVES[name]
+
+
+def baselines(objective, train_records, train_examples, eval_records, eval_examples, tok,
+              data_cfg, vocab_size):
+  """What a trivial predictor scores on the eval split: the bar a trained model must clear.
+
+  next_token / labeled_pair: cross-entropy of train unigram frequencies on the supervised tokens;
+  labeled_pair also: exact match of always answering the most common train completion;
+  classification: accuracy of always answering the most common train label.
+  """
+  if objective.name == 'classification':
+    counts = np.bincount(train_examples['label'], minlength=labels(data_cfg)[0])
+    return {'majority_accuracy': float(np.mean(eval_examples['label'] == counts.argmax()))}
+  supervised = lambda ex: ex['targets'][ex['loss_mask'] > 0]
+  counts = np.bincount(supervised(train_examples), minlength=vocab_size) + 1.0  # Add-one.
+  logp = np.log(counts / counts.sum())
+  out = {'unigram_loss': float(-logp[supervised(eval_examples)].mean())}
+  if objective.name == 'labeled_pair':
+    completion = lambda rec, where: tuple(prompt_completion_ids(rec, where, tok, data_cfg)[1])
+    best = collections.Counter(completion(*r) for r in train_records).most_common(1)[0][0]
+    out['constant_exact_match'] = float(np.mean([completion(*r) == best for r in eval_records]))
+  return out

@@ -1,4 +1,5 @@
-"""The optax chain from config: clip -> AdamW (masked weight decay) on a warm-up + decay schedule."""
+"""The optax chain from config: clip -> AdamW (masked weight decay) on a warm-up + decay schedule,
+applied to the trainable parameters only (frozen ones get no optimizer state at all)."""
 import re
 
 import optax
@@ -19,8 +20,17 @@ def schedule(optim_cfg, steps):
   raise ValueError(f"unknown optim.schedule {optim_cfg.schedule!r}; known: 'cosine', 'constant'")
 
 
-def build(optim_cfg, steps):
-  """(optax transformation, learning-rate schedule)."""
+def trainable_fn(spec):
+  """train.trainable -> predicate on parameter paths: 'all', 'head' (classification's `score`) or
+  a regex searched in paths like 'h/0/attn/c_attn_kernel'."""
+  if spec == 'all':
+    return lambda path: True
+  pattern = re.compile(r'^score$' if spec == 'head' else spec)
+  return lambda path: bool(pattern.search(path))
+
+
+def build(optim_cfg, steps, trainable=None):
+  """(optax transformation, learning-rate schedule); `trainable(path)` picks what is updated."""
   no_decay = re.compile(optim_cfg.no_decay) if optim_cfg.no_decay else None
   decay_mask = lambda params: model.map_with_path(
       lambda path, _: not (no_decay and no_decay.search(path)), params)
@@ -29,4 +39,8 @@ def build(optim_cfg, steps):
                    weight_decay=optim_cfg.weight_decay, mask=decay_mask)
   if optim_cfg.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), tx)
+  if trainable is not None:
+    # Frozen params are routed to set_to_zero: no moments, no decay, not in the clipping norm.
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, lambda params: (
+        model.map_with_path(lambda path, _: 'train' if trainable(path) else 'frozen', params)))
   return tx, lr

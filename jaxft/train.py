@@ -38,13 +38,19 @@ def build_state(cfg, model_cfg, tx, mesh):
   return graphdef, abstract, shardings, init_fn
 
 
-def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum):
+def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=None):
   """The one jitted, state-donating train_step(state, batch) -> (state, metrics).
 
   The batch is split into `grad_accum` micro-batches whose loss sums and supervised-token counts
   are added up before dividing, so k micro-batches give exactly the update of one k-times batch.
+  Params for which trainable(path) is False are frozen: no gradient flows into them and they
+  are carried over untouched (bit for bit).
   """
+  frozen = lambda path: trainable is not None and not trainable(path)
+
   def loss_sum(params, batch, key):
+    params = model_lib.map_with_path(
+        lambda path, x: jax.lax.stop_gradient(x) if frozen(path) else x, params)
     return objective.loss(nnx.merge(graphdef, params), batch, key)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -66,11 +72,13 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum):
     denom = jnp.maximum(count, 1.0)  # An empty mask is reported by the loop, not divided by.
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+    new_params = model_lib.map_with_path(lambda path, old, new: old if frozen(path) else new,
+                                         params, optax.apply_updates(params, updates))
+    new_state = {'params': new_params, 'opt_state': opt_state,
                  'step': state['step'] + 1, 'rng': state['rng']}
     metrics = {'loss': loss_sum_ / denom, 'grad_norm': optax.tree.norm(grads),
                'lr': lr_schedule(state['step']), 'supervised_tokens': count,
-               'tokens': jnp.asarray(batch['tokens'].size, jnp.float32)}
+               'tokens': jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32)}
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
@@ -135,6 +143,11 @@ class Progress:
       self.bar.close()
 
 
+def summary(metrics):
+  """'loss 1.2345 accuracy 0.9000 ...' for the scalar metrics."""
+  return ' '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
+
+
 def log(msg):
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -153,17 +166,34 @@ def run(cfg, workdir):
         f'micro-batches over mesh.data x mesh.fsdp = {batch_shards} devices')
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  splits = data.load_splits(cfg.data, cfg.seed)
-  examples = {s: objective.encode(r, tok, cfg.data) for s, r in splits.items()}
-  log('examples: ' + ', '.join(f'{s} {len(e["tokens"])}' for s, e in examples.items()))
-  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
+  records = data.load_splits(cfg.data, cfg.seed)
+  examples = {}
+  for split, recs in records.items():
+    examples[split] = objective.encode(recs, tok, cfg.data)
+    objectives.audit(examples[split], split)
+    ex = examples[split]
+    log(f'{split}: {len(recs)} records -> {len(ex["tokens"])} rows, '
+        f'{int((ex["segment_ids"] > 0).sum()):,} tokens, '
+        f'{int(ex["loss_mask"].sum()):,} supervised ({cfg.objective})'
+        + (f', {ex.dropped} dropped without supervised tokens' if ex.dropped else ''))
+  num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
+  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
   if cfg.data.seq_len > model_cfg.max_len:
     raise config_lib.ConfigError(
         f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
-  tx, lr_schedule = optim.build(cfg.optim, T.steps)
+  if T.trainable == 'head' and not objective.has_head:
+    raise config_lib.ConfigError(f"train.trainable='head' needs a head, and {cfg.objective} has "
+                                 f"none (its output layer is the tied wte); use a regex")
+  trainable = None if T.trainable == 'all' else optim.trainable_fn(T.trainable)
+  tx, lr_schedule = optim.build(cfg.optim, T.steps, trainable)
   graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract['params']))
-  log(f'model {model_cfg} with {n_params:,} params')
+  sizes = {model_lib.path_str(p): x.size
+           for p, x in jax.tree_util.tree_leaves_with_path(abstract['params'])}
+  n_train = sum(n for k, n in sizes.items() if trainable is None or trainable(k))
+  if n_train == 0:
+    raise config_lib.ConfigError(f'train.trainable={T.trainable!r} matches no parameter; paths '
+                                 f'look like {", ".join(list(sizes)[:4])}')
+  log(f'model {model_cfg} with {sum(sizes.values()):,} params, {n_train:,} trainable')
 
   mngr = checkpoint.manager(workdir, cfg.checkpoint)
   train_iter = iter(data.train_dataset(examples['train'], T.batch_size, cfg.seed))
@@ -177,9 +207,11 @@ def run(cfg, workdir):
   else:
     state = init_fn()
     if T.init_from:
-      state['params'], src = checkpoint.restore_params(T.init_from, abstract['params'],
-                                                       shardings['params'])
-      log(f'init_from: loaded params from {src} (fresh optimizer)')
+      state['params'], report = checkpoint.restore_params(
+          T.init_from, state['params'], shardings['params'], new_ok=lambda path: path == 'score')
+      log(f'init_from {report["source"]} (fresh optimizer): loaded {len(report["loaded"])} '
+          f'params; new (freshly initialised): {", ".join(report["new"]) or "none"}; '
+          f'not used: {", ".join(report["ignored"]) or "none"}')
   step = int(state['step'])
   # Written only now that the config has proven it fits the workdir's checkpoint: a bad rerun
   # must not overwrite the record of what was trained.
@@ -190,17 +222,26 @@ def run(cfg, workdir):
     mngr.close()
     return state
 
-  train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum)
-  eval_step = evaluate.make_eval_step(graphdef, objective)
-  baseline = data.unigram_baseline(examples['train'], examples['val'], model_cfg.vocab_size)
+  train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum, trainable)
+  evaluator = evaluate.Evaluator(graphdef, objective, examples, records, tok, cfg, mesh)
+  baselines = {s: objectives.baselines(objective, records['train'], examples['train'], records[s],
+                                       examples[s], tok, cfg.data, model_cfg.vocab_size)
+               for s in ('val', 'test')}
   metrics_log = MetricsLog(workdir, step)
   progress = Progress(step, T.steps)
   window = {'tokens': 0.0, 'time': time.time()}
 
   def run_eval(split, max_batches):
-    result = evaluate.evaluate(eval_step, state['params'], examples[split], T.batch_size, mesh,
-                               max_batches)
+    result = evaluator(state['params'], split, max_batches)
     metrics_log.write(step, split, result)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+      extra = {'label_names': objectives.labels(cfg.data)[1]} if objective.has_head else {}
+      with open(os.path.join(workdir, 'eval', f'{split}_{step}.json'), 'w') as f:
+        json.dump({'step': step, 'split': split, 'objective': cfg.objective, 'metrics': result,
+                   'baselines': baselines[split], 'batches': max_batches or 'all', **extra},
+                  f, indent=1)
+    log(f'step {step} {split}: ' + summary(result) + ' | baselines: ' + summary(baselines[split]))
     return result
 
   def save(ckpt_metrics=None):
@@ -254,18 +295,15 @@ def run(cfg, workdir):
       if evaluate_now:
         val = run_eval('val', T.eval_batches)
         ckpt_metrics = {'val_loss': val['loss']}
-        log(f'step {step}: val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f})')
       if save_now:
         save(ckpt_metrics)
       if stopping:
         log(f'SIGTERM: saved step {step}, exiting; rerun the same command to resume')
         break
     if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved.
-      val, test = run_eval('val', 0), run_eval('test', 0)
+      val, _ = run_eval('val', 0), run_eval('test', 0)
       if mngr.latest_step() != step:
         save({'val_loss': val['loss']})
-      log(f'final (step {step}): val loss {val["loss"]:.4f} (unigram baseline {baseline:.4f}), '
-          f'test loss {test["loss"]:.4f}')
   finally:
     progress.close()
     mngr.wait_until_finished()

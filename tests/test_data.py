@@ -32,25 +32,6 @@ def test_bad_input_errors_name_file_line_and_field(tmp_path):
     data.read_records(str(tmp_path / 'missing*.jsonl'))
 
 
-def test_too_little_text_for_one_sequence(tmp_path):
-  f = write(tmp_path / 'short.jsonl', [json.dumps({'text': 'hi'})])
-  cfg = small_config()
-  with pytest.raises(data.DataError, match=r'3 tokens .*short.jsonl:1.*data.seq_len \+ 1 = 33'):
-    objectives.get('next_token').encode(data.read_records(f), tokenizer.build('bytes'), cfg.data)
-
-
-def test_next_token_packs_documents_with_eos(tmp_path):
-  f = write(tmp_path / 't.jsonl', [json.dumps({'text': 'abc' * 10}) for _ in range(5)])
-  cfg = small_config(data__seq_len=8)
-  tok = tokenizer.build('bytes')
-  ex = objectives.get('next_token').encode(data.read_records(f), tok, cfg.data)
-  stream = (tok.encode('abc' * 10) + [tok.eos_id]) * 5
-  n = (len(stream) - 1) // 8
-  np.testing.assert_array_equal(ex['tokens'].ravel(), stream[:n * 8])
-  np.testing.assert_array_equal(ex['targets'].ravel(), stream[1:n * 8 + 1])
-  assert ex['loss_mask'].shape == (n, 8) and ex['loss_mask'].all()
-
-
 def test_holdout_splits_are_disjoint_and_seeded(tmp_path):
   f = write(tmp_path / 'd.jsonl', [json.dumps({'text': f'doc {i}'}) for i in range(100)])
   cfg = small_config(data__source='files', data__train=f, data__val_fraction=0.1,
@@ -96,10 +77,3 @@ def test_eval_batches_pad_with_masked_rows():
   batches = list(data.eval_batches(ex, 4))
   assert len(batches) == 3 and all(b['tokens'].shape == (4, 3) for b in batches)
   assert sum(b['loss_mask'].sum() for b in batches) == 30
-
-
-def test_unigram_baseline_is_entropy_of_frequencies():
-  ex = {'targets': np.array([[0, 0, 0, 1]]), 'loss_mask': np.ones((1, 4))}
-  # Add-one smoothed over vocab 2: p(0) = 4/6, p(1) = 2/6.
-  expected = -(3 * np.log(4 / 6) + np.log(2 / 6)) / 4
-  assert data.unigram_baseline(ex, ex, 2) == pytest.approx(expected)

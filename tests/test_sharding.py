@@ -9,17 +9,19 @@ from conftest import small_config
 from jaxft import data, model as model_lib, objectives, optim, sharding, tokenizer, train
 
 
-def run_steps(cfg, devices, num_steps=5):
+def run_steps(cfg, devices, num_steps=5, trainable=None):
+  """`num_steps` train steps of cfg's objective on `devices`: (losses, state, shardings)."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   tok = tokenizer.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   records = data.load_splits(cfg.data, cfg.seed)['train']
   examples = objective.encode(records, tok, cfg.data)
-  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
-  tx, lr = optim.build(cfg.optim, cfg.train.steps)
+  num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
+  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
+  tx, lr = optim.build(cfg.optim, cfg.train.steps, trainable)
   graphdef, abstract, shardings, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
   state = init_fn()
-  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum)
+  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum, trainable)
   it = iter(data.train_dataset(examples, cfg.train.batch_size, cfg.seed))
   losses = []
   for _ in range(num_steps):

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,10 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert [l['step'] for l in trains] == list(range(1, 11))
   for key in ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'supervised_tokens', 'total_tokens'):
     assert all(isinstance(l[key], float) for l in trains), key
-  assert trains[-1]['total_tokens'] == 10 * 16 * 32
+  # Real tokens only: packed rows end in padding, which is neither counted nor supervised.
+  assert trains[-1]['total_tokens'] == sum(l['tokens'] for l in trains)
+  assert 0.8 * 10 * 16 * 32 < trains[-1]['total_tokens'] <= 10 * 16 * 32
+  assert trains[-1]['total_supervised_tokens'] == sum(l['supervised_tokens'] for l in trains)
   evals = [(l['step'], l['split']) for l in lines if l['split'] != 'train']
   assert evals == [(5, 'val'), (10, 'val'), (10, 'test')]
   assert trains[-1]['loss'] < trains[0]['loss']
@@ -57,7 +61,7 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   # keep=1 keeps the newest (10); keep_best keeps the lower val loss, also step 10 here.
   assert ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints')) == [10]
   out = capsys.readouterr().out
-  assert 'unigram baseline' in out and 'final (step 10)' in out
+  assert 'step 10 test: loss' in out and 'baselines: unigram_loss' in out
   train.main(small_argv(wd, train__steps=10))  # Rerun: resumes at the end, does nothing.
   assert 'already holds the final step 10' in capsys.readouterr().out
   assert len(metrics(wd)) == len(lines)
@@ -122,7 +126,8 @@ def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
   dst = str(tmp_path / 'dst')
   # lr 0 leaves params untouched: the run's checkpoint must hold exactly the source params.
   train.main(small_argv(dst, train__steps=1, train__init_from=src, optim__lr=0.0))
-  assert f'loaded params from {src}/checkpoints/4' in capsys.readouterr().out
+  assert (f'init_from {src}/checkpoints/4 (fresh optimizer): loaded 28 params; new (freshly '
+          f'initialised): none; not used: none') in capsys.readouterr().out
   a, b = read_params(src), read_params(dst)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -140,6 +145,54 @@ def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
   with pytest.raises(checkpoint.CheckpointMismatch):
     train.main(small_argv(src, train__steps=8, model__embed_dim=64))
   assert open(os.path.join(src, 'config.json')).read() == before
+
+
+def test_finetune_other_objectives_from_next_token(tmp_path, capsys):
+  """Pre-train next_token, then labeled_pair (full) and classification (frozen backbone) from it:
+  heads start fresh, backbones load, each objective's eval lands in metrics.jsonl and eval/."""
+  pre = str(tmp_path / 'pre')
+  train.main(small_argv(pre, train__steps=4))
+  capsys.readouterr()
+  lp = str(tmp_path / 'lp')
+  train.main(small_argv(lp, objective='labeled_pair', train__steps=4, train__eval_every=2,
+                        train__init_from=pre, train__exact_match_examples=20))
+  assert 'loaded 28 params; new (freshly initialised): none' in capsys.readouterr().out
+  result = json.load(open(os.path.join(lp, 'eval', 'val_2.json')))
+  assert result['objective'] == 'labeled_pair' and result['batches'] == 2
+  assert result['metrics']['exact_match_examples'] == 20
+  assert 0 <= result['metrics']['exact_match'] <= 1 and result['metrics']['perplexity'] > 1
+  assert 0 < result['baselines']['constant_exact_match'] < 0.2
+  trains = [l for l in metrics(lp) if l['split'] == 'train']
+  assert 0 < trains[-1]['total_supervised_tokens'] < 0.6 * trains[-1]['total_tokens']
+  assert [l['split'] for l in metrics(lp) if l['step'] == 4] == ['train', 'val', 'test']
+
+  cls = str(tmp_path / 'cls')
+  train.main(small_argv(cls, objective='classification', train__steps=4, train__eval_every=2,
+                        train__init_from=pre, train__trainable='head'))
+  out = capsys.readouterr().out
+  assert 'loaded 28 params; new (freshly initialised): score; not used: none' in out
+  assert re.search(r'num_labels=3\) with [\d,]+ params, 96 trainable', out)  # score: 32 x 3.
+  for split in ('val', 'test'):
+    result = json.load(open(os.path.join(cls, 'eval', f'{split}_4.json')))
+    cm = np.array(result['metrics']['confusion'])
+    assert cm.shape == (3, 3) and cm.sum() == result['metrics']['supervised_tokens']
+    assert result['metrics']['accuracy'] == pytest.approx(np.trace(cm) / cm.sum())
+    assert result['label_names'] == ['low', 'mid', 'high']
+    assert 0.3 < result['baselines']['majority_accuracy'] < 0.6
+  trains = [l for l in metrics(cls) if l['split'] == 'train']
+  assert [l['supervised_tokens'] for l in trains] == [16.0] * 4  # One label per sequence.
+  before, after = read_params(pre), read_params(cls)
+  assert set(after) - set(before) == {'score/value/'}
+  for k in before:  # The frozen backbone is bit for bit the pre-trained one.
+    np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+  back = str(tmp_path / 'back')  # And a classification checkpoint feeds a next_token run.
+  train.main(small_argv(back, train__steps=1, train__init_from=cls))
+  assert 'new (freshly initialised): none; not used: score' in capsys.readouterr().out
+  with pytest.raises(config_lib.ConfigError, match=r"trainable='head' needs a head"):
+    train.main(small_argv(str(tmp_path / 'x'), train__trainable='head'))
+  with pytest.raises(config_lib.ConfigError, match=r"trainable='nothing' matches no parameter"):
+    train.main(small_argv(str(tmp_path / 'y'), train__trainable='nothing'))
 
 
 def test_resume_onto_a_different_mesh(tmp_path, capsys):
@@ -167,7 +220,7 @@ def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
   train.main(small_argv(wd, data__source='files', data__train=str(src), data__text_field='body',
                         data__val_fraction=0.1, data__test_fraction=0.1, train__steps=3))
   out = capsys.readouterr().out
-  assert 'final (step 3)' in out
+  assert 'step 3 test: loss' in out
   assert {l['split'] for l in metrics(wd)} == {'train', 'val', 'test'}
 
 
