@@ -210,8 +210,12 @@ def run(cfg, workdir):
       state['params'], report = checkpoint.restore_params(
           T.init_from, state['params'], shardings['params'], new_ok=lambda path: path == 'score')
       log(f'init_from {report["source"]} (fresh optimizer): loaded {len(report["loaded"])} '
-          f'params; new (freshly initialised): {", ".join(report["new"]) or "none"}; '
-          f'not used: {", ".join(report["ignored"]) or "none"}')
+          f'params (listed in init_from.json); new (freshly initialised): '
+          f'{", ".join(report["new"]) or "none"}; not used: {", ".join(report["ignored"]) or "none"}')
+      if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
+          json.dump(report, f, indent=1)
   step = int(state['step'])
   # Written only now that the config has proven it fits the workdir's checkpoint: a bad rerun
   # must not overwrite the record of what was trained.

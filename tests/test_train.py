@@ -126,8 +126,9 @@ def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
   dst = str(tmp_path / 'dst')
   # lr 0 leaves params untouched: the run's checkpoint must hold exactly the source params.
   train.main(small_argv(dst, train__steps=1, train__init_from=src, optim__lr=0.0))
-  assert (f'init_from {src}/checkpoints/4 (fresh optimizer): loaded 28 params; new (freshly '
-          f'initialised): none; not used: none') in capsys.readouterr().out
+  assert (f'init_from {src}/checkpoints/4 (fresh optimizer): loaded 28 params (listed in '
+          f'init_from.json); new (freshly initialised): none; not used: none'
+          ) in capsys.readouterr().out
   a, b = read_params(src), read_params(dst)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -156,7 +157,8 @@ def test_finetune_other_objectives_from_next_token(tmp_path, capsys):
   lp = str(tmp_path / 'lp')
   train.main(small_argv(lp, objective='labeled_pair', train__steps=4, train__eval_every=2,
                         train__init_from=pre, train__exact_match_examples=20))
-  assert 'loaded 28 params; new (freshly initialised): none' in capsys.readouterr().out
+  assert 'loaded 28 params (listed in init_from.json); new (freshly initialised): none' in \
+      capsys.readouterr().out
   result = json.load(open(os.path.join(lp, 'eval', 'val_2.json')))
   assert result['objective'] == 'labeled_pair' and result['batches'] == 2
   assert result['metrics']['exact_match_examples'] == 20
@@ -170,7 +172,9 @@ def test_finetune_other_objectives_from_next_token(tmp_path, capsys):
   train.main(small_argv(cls, objective='classification', train__steps=4, train__eval_every=2,
                         train__init_from=pre, train__trainable='head'))
   out = capsys.readouterr().out
-  assert 'loaded 28 params; new (freshly initialised): score; not used: none' in out
+  assert 'new (freshly initialised): score; not used: none' in out
+  report = json.load(open(os.path.join(cls, 'init_from.json')))
+  assert report['new'] == ['score'] and len(report['loaded']) == 28 and 'wte' in report['loaded']
   assert re.search(r'num_labels=3\) with [\d,]+ params, 96 trainable', out)  # score: 32 x 3.
   for split in ('val', 'test'):
     result = json.load(open(os.path.join(cls, 'eval', f'{split}_4.json')))
