@@ -48,16 +48,6 @@ class CheckpointMismatch(ValueError):
   """Saved params that do not fit the model being built."""
 
 
-def _saved_shapes(params_dir):
-  return _shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata)
-
-
-def _fail(params_dir, problems):
-  more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
-  raise CheckpointMismatch(f'checkpoint {params_dir} does not match the model config '
-                           f'({len(problems)} differences):\n  ' + '\n  '.join(problems[:20]) + more)
-
-
 def check_params(params_dir, abstract_params, new_ok=None):
   """Fail, listing every difference, if saved params do not fit the model being built.
 
@@ -65,7 +55,8 @@ def check_params(params_dir, abstract_params, new_ok=None):
   which new_ok(path) holds may be absent from the checkpoint, and saved params the model lacks
   are tolerated. Returns (saved shapes, model shapes) by path.
   """
-  saved, want = _saved_shapes(params_dir), _shapes(abstract_params)
+  saved = _shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata)
+  want = _shapes(abstract_params)
   problems = [f'{k}: checkpoint {saved[k]} vs model {want[k]}'
               for k in want if k in saved and saved[k] != want[k]]
   problems += [f'missing in checkpoint: {k} {want[k]}'
@@ -73,7 +64,9 @@ def check_params(params_dir, abstract_params, new_ok=None):
   if new_ok is None:
     problems += [f'not in model: {k} {saved[k]}' for k in saved if k not in want]
   if problems:
-    _fail(params_dir, problems)
+    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+    raise CheckpointMismatch(f'checkpoint {params_dir} does not match the model config '
+                             f'({len(problems)} differences):\n  ' + '\n  '.join(problems[:20]) + more)
   return saved, want
 
 

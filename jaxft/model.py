@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+HEAD = 'score'  # The classification head: the one param only some objectives have.
+
 # Named sizes: (num_layers, num_heads, embed_dim, max_len). Vocab comes from the tokenizer.
 SIZES = {
     'tiny': (2, 4, 128, 256),
@@ -169,7 +171,7 @@ class GPT(nnx.Module):
     self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.ln_f = LayerNorm(cfg, rngs)
     if cfg.num_labels:
-      self.score = _param(rngs, (cfg.embed_dim, cfg.num_labels), ('embed', None), 0.02)
+      self.score = _param(rngs, (cfg.embed_dim, cfg.num_labels), ('embed', None), 0.02)  # HEAD
 
   def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, dropout_key=None):
     """Final hidden states [batch, length, embed] after ln_f.

@@ -66,7 +66,12 @@ def prompt_completion_ids(rec, where, tok, data_cfg):
   completion from the right; 'right' cuts the joined sequence from the right, which may leave no
   completion at all. An empty prompt becomes EOS, GPT-2's start-of-text.
   """
-  prompt = data_cfg.prompt_template.format(prompt=_text(rec, data_cfg.prompt_field, where))
+  _check_side(data_cfg)
+  try:
+    prompt = data_cfg.prompt_template.format(prompt=_text(rec, data_cfg.prompt_field, where))
+  except (KeyError, IndexError) as e:
+    raise data.DataError(f'data.prompt_template={data_cfg.prompt_template!r} may only use '
+                         f'{{prompt}} (got {{{e.args[0]}}})') from None
   p = tok.encode(prompt) or [tok.eos_id]
   c = tok.encode(_text(rec, data_cfg.completion_field, where)) + [tok.eos_id]
   room = data_cfg.seq_len + 1
@@ -75,10 +80,13 @@ def prompt_completion_ids(rec, where, tok, data_cfg):
   if data_cfg.truncation_side == 'left':
     keep = max(1, room - len(c))
     return p[len(p) - keep:], c[:room - keep]
-  if data_cfg.truncation_side == 'right':
-    return p[:room], c[:max(0, room - len(p))]
-  raise data.DataError(f"unknown data.truncation_side {data_cfg.truncation_side!r}; "
-                       f"known: 'left', 'right'")
+  return p[:room], c[:max(0, room - len(p))]
+
+
+def _check_side(data_cfg):
+  if data_cfg.truncation_side not in ('left', 'right'):
+    raise data.DataError(f"unknown data.truncation_side {data_cfg.truncation_side!r}; "
+                         f"known: 'left', 'right'")
 
 
 def _labeled_pair_segments(rec, where, tok, data_cfg, dropped):
@@ -157,6 +165,7 @@ def _label(rec, where, data_cfg):
 
 def encode_classification(records, tok, data_cfg):
   """One row per record: its text (truncated on data.truncation_side), padding, and its label."""
+  _check_side(data_cfg)
   T = data_cfg.seq_len
   n = len(records)
   tokens = np.full((n, T), tok.pad_id, np.int32)

@@ -25,7 +25,9 @@ def trainable_fn(spec):
   a regex searched in paths like 'h/0/attn/c_attn_kernel'."""
   if spec == 'all':
     return lambda path: True
-  pattern = re.compile(r'^score$' if spec == 'head' else spec)
+  if spec == 'head':
+    return lambda path: path == model.HEAD
+  pattern = re.compile(spec)
   return lambda path: bool(pattern.search(path))
 
 

@@ -6,6 +6,7 @@ Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -153,6 +154,33 @@ def log(msg):
     print(msg, flush=True)
 
 
+def encode_splits(cfg, objective, tok):
+  """(records, audited example arrays) per split, with a log line each."""
+  records = data.load_splits(cfg.data, cfg.seed)
+  examples = {}
+  for split, recs in records.items():
+    ex = examples[split] = objective.encode(recs, tok, cfg.data)
+    objectives.audit(ex, split)
+    log(f'{split}: {len(recs)} records -> {len(ex["tokens"])} rows, '
+        f'{int((ex["segment_ids"] > 0).sum()):,} tokens, '
+        f'{int(ex["loss_mask"].sum()):,} supervised ({cfg.objective})'
+        + (f', {ex.dropped} dropped without supervised tokens' if ex.dropped else ''))
+  return records, examples
+
+
+def trainable_fn(cfg, objective):
+  """train.trainable as a predicate on param paths, or None when everything trains."""
+  if cfg.train.trainable == 'all':
+    return None
+  if cfg.train.trainable == 'head' and not objective.has_head:
+    raise config_lib.ConfigError(f"train.trainable='head' needs a head, and {cfg.objective} has "
+                                 f"none (its output layer is the tied wte); use a regex")
+  try:
+    return optim.trainable_fn(cfg.train.trainable)
+  except re.error as e:
+    raise config_lib.ConfigError(f'train.trainable={cfg.train.trainable!r} is not a regex: {e}')
+
+
 def run(cfg, workdir):
   """Train per `cfg` in `workdir` (resuming if it holds a checkpoint). Returns the final state."""
   mesh = sharding.make_mesh(cfg.mesh)
@@ -166,25 +194,13 @@ def run(cfg, workdir):
         f'micro-batches over mesh.data x mesh.fsdp = {batch_shards} devices')
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  records = data.load_splits(cfg.data, cfg.seed)
-  examples = {}
-  for split, recs in records.items():
-    examples[split] = objective.encode(recs, tok, cfg.data)
-    objectives.audit(examples[split], split)
-    ex = examples[split]
-    log(f'{split}: {len(recs)} records -> {len(ex["tokens"])} rows, '
-        f'{int((ex["segment_ids"] > 0).sum()):,} tokens, '
-        f'{int(ex["loss_mask"].sum()):,} supervised ({cfg.objective})'
-        + (f', {ex.dropped} dropped without supervised tokens' if ex.dropped else ''))
+  records, examples = encode_splits(cfg, objective, tok)
   num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
   model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
   if cfg.data.seq_len > model_cfg.max_len:
     raise config_lib.ConfigError(
         f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
-  if T.trainable == 'head' and not objective.has_head:
-    raise config_lib.ConfigError(f"train.trainable='head' needs a head, and {cfg.objective} has "
-                                 f"none (its output layer is the tied wte); use a regex")
-  trainable = None if T.trainable == 'all' else optim.trainable_fn(T.trainable)
+  trainable = trainable_fn(cfg, objective)
   tx, lr_schedule = optim.build(cfg.optim, T.steps, trainable)
   graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
   sizes = {model_lib.path_str(p): x.size
@@ -208,7 +224,7 @@ def run(cfg, workdir):
     state = init_fn()
     if T.init_from:
       state['params'], report = checkpoint.restore_params(
-          T.init_from, state['params'], shardings['params'], new_ok=lambda path: path == 'score')
+          T.init_from, state['params'], shardings['params'], new_ok=lambda path: path == model_lib.HEAD)
       log(f'init_from {report["source"]} (fresh optimizer): loaded {len(report["loaded"])} '
           f'params (listed in init_from.json); new (freshly initialised): '
           f'{", ".join(report["new"]) or "none"}; not used: {", ".join(report["ignored"]) or "none"}')

@@ -222,3 +222,17 @@ def test_frozen_backbone_is_bitwise_unchanged_and_has_no_optimizer_state():
   opt_floats = sum(x.size for x in jax.tree.leaves(state['opt_state']) if x.dtype == np.float32)
   full_floats = sum(x.size for x in jax.tree.leaves(full['opt_state']) if x.dtype == np.float32)
   assert opt_floats == 2 * score_size and full_floats > 100 * opt_floats
+
+
+def test_bad_objective_settings_are_named():
+  pair = recs({'prompt': 'a', 'completion': 'b'})
+  with pytest.raises(data.DataError, match=r"data.prompt_template='Q: \{question\}' may only use "
+                                           r"\{prompt\} \(got \{question\}\)"):
+    encode('labeled_pair', pair, data__prompt_template='Q: {question}')
+  for name in ('labeled_pair', 'classification'):
+    with pytest.raises(data.DataError, match="unknown data.truncation_side 'middle'"):
+      encode(name, recs({'prompt': 'a', 'completion': 'b', 'text': 'c', 'label': 0}),
+             data__truncation_side='middle')
+  with pytest.raises(data.DataError, match="unknown objective 'nope'; known: next_token, "
+                                           "labeled_pair, classification"):
+    objectives.get('nope')

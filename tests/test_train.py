@@ -197,6 +197,8 @@ def test_finetune_other_objectives_from_next_token(tmp_path, capsys):
     train.main(small_argv(str(tmp_path / 'x'), train__trainable='head'))
   with pytest.raises(config_lib.ConfigError, match=r"trainable='nothing' matches no parameter"):
     train.main(small_argv(str(tmp_path / 'y'), train__trainable='nothing'))
+  with pytest.raises(config_lib.ConfigError, match=r"trainable='h/\(' is not a regex"):
+    train.main(small_argv(str(tmp_path / 'z'), train__trainable='h/('))
 
 
 def test_resume_onto_a_different_mesh(tmp_path, capsys):
