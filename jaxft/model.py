@@ -25,7 +25,7 @@ SIZES = {
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-  vocab_size: int
+  vocab_size: int  # Rows of wte: the tokenizer's vocab padded up (see config_from).
   num_layers: int
   num_heads: int
   embed_dim: int
@@ -34,6 +34,7 @@ class GPTConfig:
   dropout: float = 0.0
   ln_eps: float = 1e-5
   dtype: str = 'float32'  # Compute dtype; parameters are always float32.
+  tokenizer_vocab: int = 0  # Ids the tokenizer uses; logits of the padding ids beyond are masked.
   num_labels: int = 0  # > 0 adds the classification head `score` (HF GPT2ForSequenceClassification).
 
   @property
@@ -57,7 +58,8 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
     vocab = -(-tokenizer_vocab_size // m) * m
   if vocab < tokenizer_vocab_size:
     raise ValueError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
-  return GPTConfig(vocab_size=vocab, num_layers=layers, num_heads=heads, embed_dim=embed,
+  return GPTConfig(vocab_size=vocab, tokenizer_vocab=tokenizer_vocab_size, num_layers=layers,
+                   num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
                    dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels)
 
@@ -198,9 +200,14 @@ class GPT(nnx.Module):
     return self.ln_f(x_BLD)
 
   def logits(self, hidden_BLD):
-    """Tied LM head, float32 logits [batch, length, vocab]."""
-    return jnp.einsum('bld,vd->blv', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
-                      preferred_element_type=jnp.float32)
+    """Tied LM head, float32 logits [batch, length, vocab]; padding ids (>= tokenizer_vocab) get
+    -1e9, so the padded vocab changes no probability (and HF exports can drop those rows)."""
+    logits_BLV = jnp.einsum('bld,vd->blv', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
+                            preferred_element_type=jnp.float32)
+    if 0 < self.cfg.tokenizer_vocab < self.cfg.vocab_size:
+      logits_BLV = jnp.where(jnp.arange(self.cfg.vocab_size) < self.cfg.tokenizer_vocab,
+                             logits_BLV, -1e9)
+    return logits_BLV
 
   def classify(self, hidden_BLD, last_B):
     """Float32 class logits [batch, labels] from the hidden state at index last_B of each row."""

@@ -1,4 +1,18 @@
-"""Tokenizers. `bytes` is built in: UTF-8 bytes 0..255 plus EOS and PAD, no files needed."""
+"""Tokenizers: the built-in byte tokenizer, any Hugging Face tokenizer, and BPE training.
+
+    tokenizer = 'bytes'                  UTF-8 bytes 0..255 + EOS + PAD, needs no files
+    tokenizer = 'hf:<local dir or hub id>'  e.g. hf:gpt2 or a directory from `train` below
+
+    python -m jaxft.tokenizer train --input 'data/*.jsonl' [--field text] --vocab-size 8000 --out tok/
+
+The HF paths need the `hf` extra (transformers, tokenizers).
+"""
+import argparse
+import os
+import sys
+
+EOS_TOKEN = '<|endoftext|>'  # GPT-2's end of text (and start of text).
+PAD_TOKEN = '<|pad|>'
 
 
 class ByteTokenizer:
@@ -6,6 +20,7 @@ class ByteTokenizer:
   eos_id = 256
   pad_id = 257
   vocab_size = 258
+  spec = 'bytes'
 
   def encode(self, text):
     return list(text.encode('utf-8'))
@@ -14,7 +29,99 @@ class ByteTokenizer:
     return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
 
 
+class HFTokenizer:
+  """A transformers tokenizer behind jaxft's tokenizer interface. Text is encoded without added
+  special tokens; padding uses the tokenizer's pad token, else its EOS (positions past a row's
+  real tokens are masked anyway)."""
+
+  def __init__(self, name):
+    from transformers import AutoTokenizer
+    self.spec = f'hf:{name}'
+    self.hf = AutoTokenizer.from_pretrained(name)
+    if self.hf.eos_token_id is None:
+      raise ValueError(f'tokenizer {name} has no EOS token; jaxft ends documents with one')
+    self.eos_id = self.hf.eos_token_id
+    self.pad_id = self.eos_id if self.hf.pad_token_id is None else self.hf.pad_token_id
+    self.vocab_size = len(self.hf)
+
+  def encode(self, text):
+    return self.hf(text, add_special_tokens=False)['input_ids']
+
+  def decode(self, ids):
+    return self.hf.decode(ids, skip_special_tokens=True)
+
+
 def build(name):
   if name == 'bytes':
     return ByteTokenizer()
-  raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes'")
+  if name.startswith('hf:'):
+    return HFTokenizer(name[3:])
+  raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'hf:<local dir or hub id>'")
+
+
+def _fast(tokenizer_object, pad_token=None):
+  """A transformers fast tokenizer around a `tokenizers.Tokenizer`, GPT-2 special tokens."""
+  from transformers import PreTrainedTokenizerFast
+  return PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, eos_token=EOS_TOKEN,
+                                 bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=pad_token)
+
+
+def byte_tokenizer_as_hf():
+  """The byte tokenizer as an HF tokenizer with the same ids: byte-level BPE over the 256 byte
+  symbols with no merges, then EOS (256) and PAD (257)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  # ByteLevel shows byte b as the character bytes_to_unicode()[b]: give that symbol id b.
+  vocab = {symbol: b for b, symbol in bytes_to_unicode().items()}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+  return _fast(tok, pad_token=PAD_TOKEN)
+
+
+def as_hf(tok):
+  """An HF tokenizer that encodes like `tok` (for export)."""
+  if isinstance(tok, ByteTokenizer):
+    return byte_tokenizer_as_hf()
+  return tok.hf
+
+
+def train_bpe(files, vocab_size, out, field='text'):
+  """Train a byte-level BPE (GPT-2 style) on the `field` of .jsonl records or .txt files and save
+  it as an HF tokenizer directory (usable as tokenizer='hf:<out>')."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from jaxft import data
+  records = [r for pattern in files for r in data.read_records(pattern)]
+  texts = (data.field(rec, field, where) for rec, where in records)
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer, length=len(records))
+  _fast(tok).save_pretrained(out)
+  return len(records), tok.get_vocab_size()
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog='python -m jaxft.tokenizer')
+  sub = parser.add_subparsers(dest='command', required=True)
+  t = sub.add_parser('train', help='train a byte-level BPE tokenizer')
+  t.add_argument('--input', nargs='+', required=True, help='.jsonl / .txt files or globs')
+  t.add_argument('--field', default='text', help='JSONL field holding the text')
+  t.add_argument('--vocab-size', type=int, required=True)
+  t.add_argument('--out', required=True, help='directory for the HF tokenizer files')
+  args = parser.parse_args(argv)
+  n, vocab = train_bpe(args.input, args.vocab_size, args.out, args.field)
+  print(f'trained a {vocab}-token byte-level BPE on {n} records -> {os.path.abspath(args.out)} '
+        f"(use tokenizer='hf:{args.out}')")
+
+
+if __name__ == '__main__':
+  from jaxft import data
+  try:
+    main(sys.argv[1:])
+  except data.DataError as e:
+    sys.exit(f'error: {e}')

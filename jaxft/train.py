@@ -223,8 +223,15 @@ def run(cfg, workdir):
   else:
     state = init_fn()
     if T.init_from:
-      state['params'], report = checkpoint.restore_params(
-          T.init_from, state['params'], shardings['params'], new_ok=lambda path: path == model_lib.HEAD)
+      new_ok = lambda path: path == model_lib.HEAD  # A head the source lacks starts fresh.
+      if T.init_from.startswith('hf:'):
+        from jaxft import convert  # Needs the `hf` extra (safetensors).
+        state['params'], report = convert.load_params(
+            convert.local_dir(T.init_from[3:]), model_cfg, state['params'], shardings['params'],
+            new_ok)
+      else:
+        state['params'], report = checkpoint.restore_params(
+            T.init_from, state['params'], shardings['params'], new_ok)
       log(f'init_from {report["source"]} (fresh optimizer): loaded {len(report["loaded"])} '
           f'params (listed in init_from.json); new (freshly initialised): '
           f'{", ".join(report["new"]) or "none"}; not used: {", ".join(report["ignored"]) or "none"}')

@@ -1,0 +1,395 @@
+"""Hugging Face GPT-2 <-> jaxft checkpoints, through one explicit name/layout table.
+
+    python -m jaxft.convert to-hf --checkpoint runs/demo --out hf/demo [--no-verify]
+    python -m jaxft.convert from-hf --model <HF dir or hub id> --out runs/imported
+    python -m jaxft.train ... --config.train.init_from=hf:<HF dir or hub id>
+
+"HF format" is what transformers (PyTorch) loads: safetensors, config.json, generation_config.json
+and tokenizer files. Tensors are converted one at a time (export writes size-capped safetensors
+shards; import reads each tensor and places only its shards on the mesh), so neither direction
+holds two copies of the model. Only safetensors are read: no pickle, no remote code.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxft import checkpoint, model as model_lib, objectives, sharding, tokenizer as tokenizer_lib
+
+LM, CLASSIFIER = 'GPT2LMHeadModel', 'GPT2ForSequenceClassification'
+# HF keys that hold no parameter of ours: the tied LM head and old attention-mask buffers.
+IGNORED_SUFFIXES = ('lm_head.weight', '.attn.bias', '.attn.masked_bias')
+
+
+def table(cfg):
+  """[(jaxft path, HF name, jaxft shape, HF shape, kind)] for a GPTConfig. kind says how the
+  layouts relate: 'same', 'reshape' (our explicit head axes), 'transpose' (score) or 'vocab'
+  (our wte has padding rows beyond the tokenizer's vocab; HF's has none)."""
+  D, F, H, K = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.head_dim
+  V = cfg.tokenizer_vocab or cfg.vocab_size
+  rows = [('wte', 'transformer.wte.weight', (cfg.vocab_size, D), (V, D), 'vocab'),
+          ('wpe', 'transformer.wpe.weight', (cfg.max_len, D), (cfg.max_len, D), 'same')]
+  layer = [('ln_1/scale', 'ln_1.weight', (D,), (D,), 'same'),
+           ('ln_1/bias', 'ln_1.bias', (D,), (D,), 'same'),
+           ('attn/c_attn_kernel', 'attn.c_attn.weight', (D, 3, H, K), (D, 3 * D), 'reshape'),
+           ('attn/c_attn_bias', 'attn.c_attn.bias', (3, H, K), (3 * D,), 'reshape'),
+           ('attn/c_proj_kernel', 'attn.c_proj.weight', (H, K, D), (D, D), 'reshape'),
+           ('attn/c_proj_bias', 'attn.c_proj.bias', (D,), (D,), 'same'),
+           ('ln_2/scale', 'ln_2.weight', (D,), (D,), 'same'),
+           ('ln_2/bias', 'ln_2.bias', (D,), (D,), 'same'),
+           ('mlp/c_fc_kernel', 'mlp.c_fc.weight', (D, F), (D, F), 'same'),
+           ('mlp/c_fc_bias', 'mlp.c_fc.bias', (F,), (F,), 'same'),
+           ('mlp/c_proj_kernel', 'mlp.c_proj.weight', (F, D), (F, D), 'same'),
+           ('mlp/c_proj_bias', 'mlp.c_proj.bias', (D,), (D,), 'same')]
+  for i in range(cfg.num_layers):
+    rows += [(f'h/{i}/{p}', f'transformer.h.{i}.{n}', a, b, k) for p, n, a, b, k in layer]
+  rows += [('ln_f/scale', 'transformer.ln_f.weight', (D,), (D,), 'same'),
+           ('ln_f/bias', 'transformer.ln_f.bias', (D,), (D,), 'same')]
+  if cfg.num_labels:
+    rows.append((model_lib.HEAD, 'score.weight', (D, cfg.num_labels), (cfg.num_labels, D),
+                 'transpose'))
+  return rows
+
+
+def to_hf(x, kind, hf_shape):
+  if kind == 'vocab':
+    x = x[:hf_shape[0]]
+  elif kind == 'transpose':
+    x = x.T
+  assert x.size == np.prod(hf_shape), (x.shape, hf_shape)
+  return np.ascontiguousarray(x.reshape(hf_shape))
+
+
+def from_hf(x, kind, shape):
+  if kind == 'vocab':  # Padding rows are zero; their logits are masked (model.GPT.logits).
+    x = np.concatenate([x, np.zeros((shape[0] - x.shape[0],) + x.shape[1:], x.dtype)])
+  elif kind == 'transpose':
+    x = x.T
+  return np.ascontiguousarray(x.reshape(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def hf_config(cfg, tok, label_names=None):
+  """transformers GPT2Config for a GPTConfig (+ tokenizer ids, + labels for a classifier)."""
+  from transformers import GPT2Config
+  extra = {}
+  if cfg.num_labels:
+    extra = dict(num_labels=cfg.num_labels, id2label=dict(enumerate(label_names)),
+                 label2id={n: i for i, n in enumerate(label_names)})
+  return GPT2Config(
+      vocab_size=cfg.tokenizer_vocab or cfg.vocab_size, n_positions=cfg.max_len,
+      n_embd=cfg.embed_dim, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
+      activation_function='gelu_new', resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+      attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.ln_eps, bos_token_id=tok.eos_id,
+      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, tie_word_embeddings=True,
+      architectures=[CLASSIFIER if cfg.num_labels else LM], **extra)
+
+
+def read_hf_config(hf_dir):
+  """(config dict, label names or None), failing on GPT-2 variants jaxft does not implement."""
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{hf_dir}: no config.json (not a Hugging Face model directory)')
+  c = json.load(open(path))
+  required = {'model_type': 'gpt2', 'scale_attn_weights': True,
+              'scale_attn_by_inverse_layer_idx': False, 'add_cross_attention': False,
+              'tie_word_embeddings': True}
+  problems = [f'{k}={c.get(k, v)!r} (jaxft supports {v!r})' for k, v in required.items()
+              if c.get(k, v) != v]
+  if c.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
+    problems.append(f'activation_function={c["activation_function"]!r} (jaxft: tanh GELU)')
+  arch = (c.get('architectures') or [LM])[0]
+  if arch not in (LM, CLASSIFIER, 'GPT2Model'):
+    problems.append(f'architectures={c.get("architectures")} (jaxft: {LM}, {CLASSIFIER})')
+  if problems:
+    raise checkpoint.CheckpointMismatch(f'{path}: unsupported config: ' + '; '.join(problems))
+  labels = None
+  if arch == CLASSIFIER:
+    n = c.get('num_labels') or len(c.get('id2label', {})) or 2
+    id2label = c.get('id2label') or {}
+    labels = [id2label.get(str(i), id2label.get(i, f'LABEL_{i}')) for i in range(n)]
+  return c, labels
+
+
+def gpt_config_fields(c, labels):
+  """The GPTConfig fields an HF config fixes (compared with a run's model before loading)."""
+  D = c['n_embd']
+  return {'num_layers': c['n_layer'], 'num_heads': c['n_head'], 'embed_dim': D,
+          'mlp_dim': c.get('n_inner') or 4 * D, 'max_len': c['n_positions'],
+          'tokenizer_vocab': c['vocab_size'], 'ln_eps': c.get('layer_norm_epsilon', 1e-5),
+          'num_labels': len(labels) if labels else 0}
+
+
+def check_config(hf_dir, c, labels, model_cfg, new_ok):
+  """Fail listing every field where the run's model differs from the HF checkpoint's."""
+  want = gpt_config_fields(c, labels)
+  diffs = [f'{k}: run {getattr(model_cfg, k)} vs checkpoint {v}' for k, v in want.items()
+           if getattr(model_cfg, k) != v and not (k == 'num_labels' and new_ok(model_lib.HEAD))]
+  if diffs:
+    raise checkpoint.CheckpointMismatch(
+        f'{hf_dir} does not match the run\'s model ({len(diffs)} differences; set config.model.* '
+        f'and config.tokenizer to match):\n  ' + '\n  '.join(diffs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def abstract_model(model_cfg, mesh):
+  """(graphdef, abstract Param state carrying logical axes) of a GPT, allocating nothing."""
+  from flax import nnx
+  with sharding.activate(mesh):
+    return nnx.split(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
+
+
+def local_dir(name):
+  """A local HF model directory, or a hub id fetched (safetensors and json files only)."""
+  if os.path.isdir(name):
+    return name
+  if os.path.exists(name) or name.startswith(('.', '/', '~')):
+    raise FileNotFoundError(f'{name}: not a Hugging Face model directory')
+  from huggingface_hub import snapshot_download
+  try:
+    return snapshot_download(name, allow_patterns=['*.safetensors', '*.json', '*.txt'])
+  except Exception as e:  # No network, unknown id, gated repo: say which and why.
+    raise FileNotFoundError(f'{name}: no such local directory, and fetching it from the '
+                            f'Hugging Face hub failed ({type(e).__name__}: {e})') from None
+
+
+def tensor_index(hf_dir):
+  """{HF name (with 'transformer.' prefix): (file, key in file)} from the safetensors files."""
+  from safetensors import safe_open
+  index = os.path.join(hf_dir, 'model.safetensors.index.json')
+  if os.path.isfile(index):
+    files = sorted(set(json.load(open(index))['weight_map'].values()))
+  elif os.path.isfile(os.path.join(hf_dir, 'model.safetensors')):
+    files = ['model.safetensors']
+  else:
+    found = ', '.join(sorted(os.listdir(hf_dir))) or 'nothing'
+    raise FileNotFoundError(f'{hf_dir}: no model.safetensors(.index.json) (has: {found}); jaxft '
+                            f'reads safetensors only (no pickle)')
+  out = {}
+  for name in files:
+    path = os.path.join(hf_dir, name)
+    with safe_open(path, 'np') as f:
+      for key in f.keys():
+        full = key if key.startswith(('transformer.', 'score.', 'lm_head.')) else 'transformer.' + key
+        out[full] = (path, key)
+  return out
+
+
+def load_params(hf_dir, model_cfg, params, shardings, new_ok=lambda path: False):
+  """Params of an HF GPT-2 checkpoint placed with `shardings`, one tensor at a time (each device
+  gets only its shard). Params absent from the checkpoint for which new_ok(path) holds keep
+  their value in `params` (a fresh head); anything else that does not fit is an error listing
+  every difference. Returns (params, report) like checkpoint.restore_params."""
+  from safetensors import safe_open
+  c, labels = read_hf_config(hf_dir)
+  check_config(hf_dir, c, labels, model_cfg, new_ok)
+  index = tensor_index(hf_dir)
+  flat_shardings = {model_lib.path_str(p): s
+                    for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  loaded, problems, used = {}, [], set()
+  for path, name, shape, hf_shape, kind in table(model_cfg):
+    if name not in index:
+      if not new_ok(path):
+        problems.append(f'missing in checkpoint: {name} {hf_shape}')
+      continue
+    used.add(name)
+    file, key = index[name]
+    with safe_open(file, 'np') as f:
+      x = f.get_tensor(key)
+    if x.shape != hf_shape:
+      problems.append(f'{name}: checkpoint {x.shape} vs model {hf_shape}')
+      continue
+    x = from_hf(x.astype(np.float32), kind, shape)
+    loaded[path] = jax.make_array_from_callback(shape, flat_shardings[path], lambda i, x=x: x[i])
+  ignored = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
+  if problems:
+    raise checkpoint.CheckpointMismatch(f'{hf_dir} does not fit the model ({len(problems)} '
+                                        f'differences):\n  ' + '\n  '.join(problems))
+  report = {'loaded': sorted(loaded), 'source': hf_dir, 'ignored': ignored,
+            'new': sorted(p for p, *_ in table(model_cfg) if p not in loaded)}
+  return model_lib.map_with_path(lambda k, x: loaded.get(k, x), params), report
+
+
+def import_hf(name, out):
+  """`from-hf`: an HF checkpoint -> a jaxft workdir (params at step 0 + config.json) that
+  init_from, to-hf and evaluation read."""
+  from jaxft import config as config_lib
+  hf_dir = local_dir(name)
+  c, labels = read_hf_config(hf_dir)
+  fields = gpt_config_fields(c, labels)
+  cfg = ml_collections.ConfigDict({
+      'objective': 'classification' if labels else 'next_token',
+      'tokenizer': f'hf:{os.path.abspath(hf_dir) if os.path.isdir(name) else name}',
+      'model': {'size': 'gpt2', 'vocab_multiple': 128, 'vocab_size': None, 'dropout': 0.0,
+                'dtype': 'float32', **{k: fields[k] for k in (
+                    'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len')}},
+      'data': {'num_labels': len(labels or []), 'label_names': ','.join(labels or [])},
+      'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1}})
+  model_cfg = model_lib.config_from(cfg.model, c['vocab_size'], fields['num_labels'])
+  model_cfg = dataclasses.replace(model_cfg, ln_eps=fields['ln_eps'])
+  mesh = sharding.make_mesh(cfg.mesh)
+  _, abstract = abstract_model(model_cfg, mesh)
+  params, report = load_params(hf_dir, model_cfg, abstract, sharding.state_shardings(abstract, mesh))
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(out, 'checkpoints'))) as mngr:
+    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+  config_lib.save(cfg, out)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def run_config(path):
+  """(jaxft config, checkpoints dir, step) of a workdir or step dir."""
+  directory, step = checkpoint.resolve(path)
+  workdir = os.path.dirname(directory)
+  cfg_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f'{cfg_path} not found: to-hf needs the run\'s config next to its '
+                            f'checkpoints')
+  return ml_collections.ConfigDict(json.load(open(cfg_path))), directory, step
+
+
+def model_config(cfg, tok):
+  has_head = objectives.get(cfg.objective).has_head
+  labels = objectives.labels(cfg.data) if has_head else (0, None)
+  return model_lib.config_from(cfg.model, tok.vocab_size, labels[0]), labels[1]
+
+
+def read_params(params_dir, paths):
+  """{path: numpy array} for some params of an orbax checkpoint, read on the host only."""
+  item, args = {}, {}
+  for p in paths:
+    node_i, node_a = item, args
+    for part in p.split('/'):
+      node_i, node_a = node_i.setdefault(part, {}), node_a.setdefault(part, {})
+    node_i['value'] = 0
+    node_a['value'] = ocp.RestoreArgs(restore_type=np.ndarray)
+  out = ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=args, partial_restore=True))
+  return {model_lib.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(out)}
+
+
+def export(path, out, verify=True, shard_bytes=2 ** 28):
+  """`to-hf`: write an HF model directory for a jaxft checkpoint; verify it unless told not to.
+  Returns the max abs logit difference (None without verification)."""
+  from safetensors.numpy import save_file
+  from transformers import GenerationConfig
+  cfg, directory, step = run_config(path)
+  tok = tokenizer_lib.build(cfg.tokenizer)
+  model_cfg, label_names = model_config(cfg, tok)
+  params_dir = os.path.join(directory, str(step), 'params')
+  rows = table(model_cfg)
+  checkpoint.check_params(params_dir, {p: jax.ShapeDtypeStruct(s, np.float32)
+                                       for p, _, s, *_ in rows})
+  # Shards of at most shard_bytes, filled in table order; each is read, written and dropped.
+  shards, size = [[]], 0
+  for row in rows:
+    nbytes = 4 * int(np.prod(row[3]))
+    if shards[-1] and size + nbytes > shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(row)
+    size += nbytes
+  os.makedirs(out, exist_ok=True)
+  names = (['model.safetensors'] if len(shards) == 1 else
+           [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
+  weight_map = {}
+  for name, shard in zip(names, shards):
+    values = read_params(params_dir, [r[0] for r in shard])
+    tensors = {hf: to_hf(values.pop(p), kind, hf_shape) for p, hf, _, hf_shape, kind in shard}
+    save_file(tensors, os.path.join(out, name), metadata={'format': 'pt'})
+    weight_map.update({hf: name for hf in tensors})
+    del tensors
+  if len(shards) > 1:
+    total = sum(4 * int(np.prod(r[3])) for r in rows)
+    with open(os.path.join(out, 'model.safetensors.index.json'), 'w') as f:
+      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=1)
+  hf_cfg = hf_config(model_cfg, tok, label_names)
+  hf_cfg.save_pretrained(out)
+  GenerationConfig.from_model_config(hf_cfg).save_pretrained(out)
+  hf_tok = tokenizer_lib.as_hf(tok)
+  if hf_tok.pad_token is None:
+    hf_tok.pad_token = hf_tok.convert_ids_to_tokens(tok.pad_id)
+  hf_tok.save_pretrained(out)
+  return verify_export(out, params_dir, model_cfg, tok) if verify else None
+
+
+def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
+  """Max abs difference between jaxft's and transformers' fp32 logits (LM, and the classifier's
+  when there is one) on a padded batch; raises if above `tolerance`."""
+  import torch
+  from flax import nnx
+  from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+  rng = np.random.default_rng(0)
+  V, L = model_cfg.tokenizer_vocab, min(model_cfg.max_len, 24)
+  real = [tid for tid in range(min(V, 1024)) if tid not in (tok.pad_id, tok.eos_id)]
+  tokens = rng.choice(real, size=(3, L)).astype(np.int32)
+  lengths = np.array([L, L - 7, 5])
+  mask = np.arange(L)[None] < lengths[:, None]
+  tokens[~mask] = tok.pad_id
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
+                            jax.devices()[:1])
+  graphdef, abstract = abstract_model(model_cfg, mesh)
+  values = read_params(params_dir, [r[0] for r in table(model_cfg)])
+  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: values[p], abstract))
+  batch = {'tokens': tokens, 'positions': np.where(mask, np.arange(L), 0),
+           'segment_ids': mask.astype(np.int32)}
+  ours = np.asarray(model.logits(model.hidden(tokens, batch['positions'], batch['segment_ids'])))
+  with torch.no_grad():
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+  diff = float(np.abs(ours[..., :V] - theirs)[mask].max())
+  if model_cfg.num_labels:
+    with torch.no_grad():
+      hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+      theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+                  attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+    diff = max(diff, float(np.abs(np.asarray(objectives.class_logits(model, batch)) - theirs).max()))
+  if not diff <= tolerance:
+    raise checkpoint.CheckpointMismatch(f'{out}: transformers logits differ from jaxft by {diff:.3g} '
+                                        f'> {tolerance:g}: the export is wrong')
+  return diff
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog='python -m jaxft.convert')
+  sub = parser.add_subparsers(dest='command', required=True)
+  t = sub.add_parser('to-hf', help='jaxft checkpoint -> Hugging Face directory')
+  t.add_argument('--checkpoint', required=True, help='jaxft workdir or checkpoint step dir')
+  t.add_argument('--out', required=True)
+  t.add_argument('--no-verify', action='store_true', help='skip the transformers logits check')
+  f = sub.add_parser('from-hf', help='Hugging Face directory or hub id -> jaxft workdir')
+  f.add_argument('--model', required=True)
+  f.add_argument('--out', required=True)
+  args = parser.parse_args(argv)
+  if args.command == 'to-hf':
+    diff = export(args.checkpoint, args.out, verify=not args.no_verify)
+    check = ('verification skipped (--no-verify)' if diff is None else
+             f'transformers logits match jaxft within {diff:.2g} (fp32)')
+    print(f'wrote {os.path.abspath(args.out)}; {check}')
+  else:
+    report = import_hf(args.model, args.out)
+    print(f'wrote {os.path.abspath(args.out)}: {len(report["loaded"])} params from '
+          f'{report["source"]}; use --config.train.init_from={args.out}')
+
+
+if __name__ == '__main__':
+  try:
+    main(sys.argv[1:])
+  except (checkpoint.CheckpointMismatch, FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
