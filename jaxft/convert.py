@@ -16,6 +16,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -345,7 +346,7 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
                             jax.devices()[:1])
   graphdef, abstract = abstract_model(model_cfg, mesh)
   values = read_params(params_dir, [r[0] for r in table(model_cfg)])
-  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: values[p], abstract))
+  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: jnp.asarray(values[p]), abstract))
   batch = {'tokens': tokens, 'positions': np.where(mask, np.arange(L), 0),
            'segment_ids': mask.astype(np.int32)}
   ours = np.asarray(model.logits(model.hidden(tokens, batch['positions'], batch['segment_ids'])))

@@ -1,0 +1,192 @@
+"""Hugging Face interop on tiny local checkpoints: round trips, logits against transformers,
+pipelines on exported runs, tokenizers, and the errors for what does not fit. No downloads."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from conftest import small_argv, small_config
+from jaxft import checkpoint, convert, evaluate, model as model_lib, sharding, tokenizer, train
+
+TINY = dict(vocab_size=258, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=256,
+            eos_token_id=256, pad_token_id=257)
+
+
+def hf_dir(path, num_labels=0, **overrides):
+  """A random tiny HF GPT-2 (LM or classifier) with the byte tokenizer, saved to `path`."""
+  torch.manual_seed(0)
+  cfg = transformers.GPT2Config(**{**TINY, **overrides})
+  if num_labels:
+    cfg.num_labels = num_labels
+    cfg.id2label = {i: f'c{i}' for i in range(num_labels)}
+    cfg.label2id = {f'c{i}': i for i in range(num_labels)}
+    model = transformers.GPT2ForSequenceClassification(cfg)
+  else:
+    model = transformers.GPT2LMHeadModel(cfg)
+  with torch.no_grad():  # Non-zero biases and LayerNorms, so every tensor's layout matters.
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  model.save_pretrained(path)
+  tokenizer.byte_tokenizer_as_hf().save_pretrained(path)
+  return str(path)
+
+
+def tensors(directory):
+  out = {}
+  for f in sorted(os.listdir(directory)):
+    if f.endswith('.safetensors'):
+      out.update(load_file(os.path.join(directory, f)))
+  return out
+
+
+@pytest.mark.parametrize('num_labels', [0, 3])
+def test_hf_to_jaxft_to_hf_round_trip_is_identical(tmp_path, num_labels):
+  src = hf_dir(tmp_path / 'src', num_labels)
+  report = convert.import_hf(src, str(tmp_path / 'jaxft'))
+  assert len(report['loaded']) == 28 + bool(num_labels) and report['ignored'] == []
+  # Small shards: the export streams several files plus an index, and verifies against torch.
+  diff = convert.export(str(tmp_path / 'jaxft'), str(tmp_path / 'back'), shard_bytes=40_000)
+  assert diff < 1e-4
+  shards = [f for f in os.listdir(tmp_path / 'back') if f.endswith('.safetensors')]
+  assert len(shards) > 1 and os.path.isfile(tmp_path / 'back' / 'model.safetensors.index.json')
+  a, b = tensors(src), tensors(tmp_path / 'back')
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  back = json.load(open(tmp_path / 'back' / 'config.json'))
+  assert back['architectures'] == ['GPT2ForSequenceClassification' if num_labels else 'GPT2LMHeadModel']
+  if num_labels:
+    assert back['id2label'] == {'0': 'c0', '1': 'c1', '2': 'c2'} and back['pad_token_id'] == 257
+
+
+def test_byte_tokenizer_as_hf_encodes_identically(tmp_path):
+  tokenizer.byte_tokenizer_as_hf().save_pretrained(tmp_path)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ours = tokenizer.ByteTokenizer()
+  rng = np.random.default_rng(0)
+  texts = ['23+58=81', ' two  spaces\n\ttab', 'héllo wörld ✓ 日本語 🙂', '']
+  texts += [''.join(chr(c) for c in rng.integers(32, 0x3000, 40)) for _ in range(20)]
+  for t in texts:
+    assert hf(t, add_special_tokens=False)['input_ids'] == ours.encode(t), t
+    assert hf.decode(ours.encode(t)) == t
+  assert (hf.eos_token_id, hf.pad_token_id, len(hf)) == (256, 257, 258)
+
+
+def test_export_check_catches_a_wrong_tensor(tmp_path):
+  src = hf_dir(tmp_path / 'src')
+  convert.import_hf(src, str(tmp_path / 'jaxft'))
+  out = str(tmp_path / 'out')
+  assert convert.export(str(tmp_path / 'jaxft'), out, verify=False) is None
+  t = tensors(out)
+  t['transformer.h.1.mlp.c_fc.bias'] = t['transformer.h.1.mlp.c_fc.bias'] + 1e-2
+  save_file(t, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+  cfg, directory, step = convert.run_config(str(tmp_path / 'jaxft'))
+  tok = tokenizer.build(cfg.tokenizer)
+  model_cfg, _ = convert.model_config(cfg, tok)
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r'transformers logits differ from jaxft '
+                                                           r'by [0-9.e-]+ > 0.0001'):
+    convert.verify_export(out, os.path.join(directory, str(step), 'params'), model_cfg, tok)
+
+
+def test_unsupported_and_mismatched_checkpoints_are_named(tmp_path):
+  bad = hf_dir(tmp_path / 'relu', activation_function='relu', scale_attn_by_inverse_layer_idx=True)
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r"unsupported config: "
+                     r"scale_attn_by_inverse_layer_idx=True .*activation_function='relu'"):
+    convert.import_hf(bad, str(tmp_path / 'x'))
+  src = hf_dir(tmp_path / 'src')
+  os.remove(os.path.join(src, 'model.safetensors'))
+  torch.save({}, os.path.join(src, 'pytorch_model.bin'))
+  with pytest.raises(FileNotFoundError, match=r'no model.safetensors.*pytorch_model.bin.*'
+                                              r'safetensors only \(no pickle\)'):
+    convert.import_hf(src, str(tmp_path / 'y'))
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    convert.import_hf(str(tmp_path), str(tmp_path / 'z'))
+  # init_from=hf: into a run whose model differs lists every differing field.
+  good = hf_dir(tmp_path / 'good')
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r'(?s)2 differences.*num_layers: run 3 '
+                     r'vs checkpoint 2.*mlp_dim: run 64 vs checkpoint 128'):
+    train.main(small_argv(str(tmp_path / 'run'), train__init_from=f'hf:{good}',
+                          model__num_layers=3, model__mlp_dim=64))
+
+
+def test_init_from_hf_loads_onto_a_mesh_and_keeps_logits(tmp_path):
+  """An HF classifier loaded onto a (2,2,2) mesh gives transformers' logits, padding included."""
+  src = hf_dir(tmp_path / 'src', num_labels=3)
+  cfg = small_config(objective='classification', data__label_names='c0,c1,c2')
+  mesh = sharding.make_mesh(small_config(mesh__data=2, mesh__fsdp=2, mesh__tensor=2).mesh)
+  model_cfg = model_lib.config_from(cfg.model, 258, 3)
+  graphdef, abstract = convert.abstract_model(model_cfg, mesh)
+  params, report = convert.load_params(src, model_cfg, abstract,
+                                       sharding.state_shardings(abstract, mesh))
+  assert report['new'] == [] and len(report['loaded']) == 29
+  assert params['wte'].sharding.spec == sharding.logical_to_spec(('vocab', 'embed'))
+  tokens = np.array([[10, 20, 30, 40, 50, 257, 257, 257], [1, 2, 3, 4, 5, 6, 7, 8]] * 4)
+  mask = tokens != 257
+  batch = {'tokens': tokens, 'positions': np.where(mask, np.arange(8), 0),
+           'segment_ids': mask.astype(np.int32)}
+  from flax import nnx
+  from jaxft import objectives
+  with sharding.activate(mesh):
+    ours = np.asarray(objectives.class_logits(nnx.merge(graphdef, params),
+                                              sharding.shard_batch(batch, mesh)))
+  hf = transformers.GPT2ForSequenceClassification.from_pretrained(src, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int))).logits
+  np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
+
+
+def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
+  lm = str(tmp_path / 'lm')
+  train.main(small_argv(lm, objective='labeled_pair', train__steps=3))
+  assert convert.export(lm, str(tmp_path / 'lm_hf')) < 1e-4
+  gen = transformers.pipeline('text-generation', model=str(tmp_path / 'lm_hf'))
+  # Greedy generation equals jaxft's greedy decoding of the same checkpoint.
+  cfg, directory, step = convert.run_config(lm)
+  tok = tokenizer.build(cfg.tokenizer)
+  model_cfg, _ = convert.model_config(cfg, tok)
+  values = convert.read_params(os.path.join(directory, str(step), 'params'),
+                               [r[0] for r in convert.table(model_cfg)])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  graphdef, abstract = convert.abstract_model(model_cfg, mesh)
+  from flax import nnx
+  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: jnp.asarray(values[p]), abstract))
+  prompt = tok.encode('12+34=')
+  buf = np.array([prompt + [tok.pad_id] * 6])
+  ours = np.asarray(evaluate.greedy(model, buf, np.array([len(prompt)]), 6))[0].tolist()
+  text = gen('12+34=', max_new_tokens=6, do_sample=False)[0]['generated_text']
+  expected = tok.decode(ours[:ours.index(tok.eos_id)] if tok.eos_id in ours else ours)
+  assert text == '12+34=' + expected
+
+  cls = str(tmp_path / 'cls')
+  train.main(small_argv(cls, objective='classification', train__steps=3))
+  assert convert.export(cls, str(tmp_path / 'cls_hf')) < 1e-4
+  clf = transformers.pipeline('text-classification', model=str(tmp_path / 'cls_hf'))
+  out = clf(['12+34=', '99+99=', '5-3='])
+  assert all(o['label'] in ('low', 'mid', 'high') and 0 < o['score'] <= 1 for o in out)
+  # And the export comes back into a jaxft run as its init (bit for bit at lr 0).
+  back = str(tmp_path / 'back')
+  train.main(small_argv(back, objective='classification', train__steps=1, optim__lr=0.0,
+                        train__init_from=f'hf:{tmp_path / "cls_hf"}'))
+  before = convert.read_params(os.path.join(cls, 'checkpoints', '3', 'params'), ['score', 'wpe'])
+  after = convert.read_params(os.path.join(back, 'checkpoints', '1', 'params'), ['score', 'wpe'])
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_tokenizer_train_cli_makes_a_usable_hf_tokenizer(tmp_path):
+  corpus = tmp_path / 'c.jsonl'
+  corpus.write_text(''.join(json.dumps({'body': f'the cat {i} sat on the mat {i % 9}'}) + '\n'
+                            for i in range(300)))
+  tokenizer.main(['train', '--input', str(corpus), '--field', 'body', '--vocab-size', '300',
+                  '--out', str(tmp_path / 'tok')])
+  tok = tokenizer.build(f'hf:{tmp_path / "tok"}')
+  assert 256 < tok.vocab_size <= 300 and tok.eos_id == tok.pad_id
+  ids = tok.encode('the cat 12 sat on the mat 3')
+  assert len(ids) < len('the cat 12 sat on the mat 3') and tok.decode(ids) == 'the cat 12 sat on the mat 3'
+  assert tok.decode(tok.encode('ünïcode ✓')) == 'ünïcode ✓'  # Byte-level: nothing is unknown.
