@@ -188,38 +188,51 @@ def tensor_index(hf_dir):
   return out
 
 
-def load_params(hf_dir, model_cfg, params, shardings, new_ok=lambda path: False):
-  """Params of an HF GPT-2 checkpoint placed with `shardings`, one tensor at a time (each device
-  gets only its shard). Params absent from the checkpoint for which new_ok(path) holds keep
-  their value in `params` (a fresh head); anything else that does not fit is an error listing
-  every difference. Returns (params, report) like checkpoint.restore_params."""
+def hf_tensors(hf_dir, model_cfg, new_ok=lambda path: False):
+  """(report, generator of (jaxft path, float32 numpy array in our layout)) for an HF GPT-2
+  checkpoint, read one tensor at a time. Everything is checked before the first tensor is read:
+  a config or shape that does not fit the model is an error listing every difference. Params
+  absent from the checkpoint are allowed where new_ok(path) holds (a fresh head)."""
   from safetensors import safe_open
   c, labels = read_hf_config(hf_dir)
   check_config(hf_dir, c, labels, model_cfg, new_ok)
   index = tensor_index(hf_dir)
-  flat_shardings = {model_lib.path_str(p): s
-                    for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
-  loaded, problems, used = {}, [], set()
+  rows, problems = [], []
   for path, name, shape, hf_shape, kind in table(model_cfg):
     if name not in index:
       if not new_ok(path):
         problems.append(f'missing in checkpoint: {name} {hf_shape}')
       continue
-    used.add(name)
-    file, key = index[name]
-    with safe_open(file, 'np') as f:
-      x = f.get_tensor(key)
-    if x.shape != hf_shape:
-      problems.append(f'{name}: checkpoint {x.shape} vs model {hf_shape}')
-      continue
-    x = from_hf(x.astype(np.float32), kind, shape)
-    loaded[path] = jax.make_array_from_callback(shape, flat_shardings[path], lambda i, x=x: x[i])
-  ignored = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
+    with safe_open(index[name][0], 'np') as f:
+      saved = tuple(f.get_slice(index[name][1]).get_shape())
+    if saved != hf_shape:
+      problems.append(f'{name}: checkpoint {saved} vs model {hf_shape}')
+    rows.append((path, name, shape, kind))
   if problems:
     raise checkpoint.CheckpointMismatch(f'{hf_dir} does not fit the model ({len(problems)} '
                                         f'differences):\n  ' + '\n  '.join(problems))
-  report = {'loaded': sorted(loaded), 'source': hf_dir, 'ignored': ignored,
-            'new': sorted(p for p, *_ in table(model_cfg) if p not in loaded)}
+  used = {name for _, name, _, _ in rows}
+  report = {'loaded': [r[0] for r in rows], 'source': hf_dir,
+            'new': [p for p, *_ in table(model_cfg) if p not in {r[0] for r in rows}],
+            'ignored': sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))}
+
+  def tensors():
+    for path, name, shape, kind in rows:
+      with safe_open(index[name][0], 'np') as f:
+        x = f.get_tensor(index[name][1])
+      yield path, from_hf(x.astype(np.float32), kind, shape)
+  return report, tensors()
+
+
+def load_params(hf_dir, model_cfg, params, shardings, new_ok=lambda path: False):
+  """Params of an HF GPT-2 checkpoint placed with `shardings` (each device gets only its shard),
+  the rest kept from `params` (see hf_tensors). Returns (params, report) like
+  checkpoint.restore_params."""
+  report, tensors = hf_tensors(hf_dir, model_cfg, new_ok)
+  flat_shardings = {model_lib.path_str(p): s
+                    for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  loaded = {path: jax.make_array_from_callback(x.shape, flat_shardings[path], lambda i, x=x: x[i])
+            for path, x in tensors}
   return model_lib.map_with_path(lambda k, x: loaded.get(k, x), params), report
 
 
@@ -240,11 +253,21 @@ def import_hf(name, out):
       'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1}})
   model_cfg = model_lib.config_from(cfg.model, c['vocab_size'], fields['num_labels'])
   model_cfg = dataclasses.replace(model_cfg, ln_eps=fields['ln_eps'])
-  mesh = sharding.make_mesh(cfg.mesh)
-  _, abstract = abstract_model(model_cfg, mesh)
-  params, report = load_params(hf_dir, model_cfg, abstract, sharding.state_shardings(abstract, mesh))
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(out, 'checkpoints'))) as mngr:
-    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+  report, tensors = hf_tensors(hf_dir, model_cfg)
+  params = {}  # In the checkpoint's tree layout, one tensor converted at a time.
+  for path, x in tensors:
+    node = params
+    for part in path.split('/'):
+      node = node.setdefault(part, {})
+    node['value'] = jax.device_put(x)
+    del x
+  # Synchronous, uncompressed, at most 1 GB in flight: the save adds little to the model's bytes.
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1,
+                                        use_compression=False)
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(out, 'checkpoints')), options=options,
+                             item_handlers={'params': handler}) as mngr:
+    mngr.save(0, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params)))
   config_lib.save(cfg, out)
   return report
 
@@ -346,7 +369,8 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
                             jax.devices()[:1])
   graphdef, abstract = abstract_model(model_cfg, mesh)
   values = read_params(params_dir, [r[0] for r in table(model_cfg)])
-  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: jnp.asarray(values[p]), abstract))
+  model = nnx.merge(graphdef, model_lib.map_with_path(
+      lambda p, _: jnp.asarray(values.pop(p)), abstract))
   batch = {'tokens': tokens, 'positions': np.where(mask, np.arange(L), 0),
            'segment_ids': mask.astype(np.int32)}
   ours = np.asarray(model.logits(model.hidden(tokens, batch['positions'], batch['segment_ids'])))
