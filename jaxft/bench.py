@@ -42,8 +42,7 @@ def bench(cfg, steps):
   mesh = sharding.make_mesh(cfg.mesh)
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
-  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
+  model_cfg = objectives.model_config(cfg, tok)
   tx, lr = optim.build(cfg.optim, cfg.train.steps)
   graphdef, _, _, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
   state = init_fn()

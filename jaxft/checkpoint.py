@@ -3,9 +3,11 @@
 Items are saved separately so that `init_from` can read params alone, and every restore goes into
 an abstract target carrying the *current* mesh's shardings: resuming onto another mesh is free.
 """
+import json
 import os
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -125,3 +127,14 @@ def restore_params(path, params, shardings, new_ok):
   report = {'loaded': sorted(loaded), 'new': sorted(k for k in want if k not in saved),
             'ignored': sorted(k for k in saved if k not in want), 'source': f'{directory}/{step}'}
   return model.map_with_path(lambda k, x: loaded.get(k, x), params), report
+
+
+def run_config(path):
+  """(the run's config, checkpoints dir, step) for a workdir or one of its step dirs."""
+  directory, step = resolve(path)
+  cfg_path = os.path.join(os.path.dirname(directory), 'config.json')
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f'{cfg_path} not found: the run\'s config must sit next to its '
+                            f'checkpoints/')
+  with open(cfg_path) as f:
+    return ml_collections.ConfigDict(json.load(f)), directory, step

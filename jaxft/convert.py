@@ -276,23 +276,6 @@ def import_hf(name, out):
 # Export
 
 
-def run_config(path):
-  """(jaxft config, checkpoints dir, step) of a workdir or step dir."""
-  directory, step = checkpoint.resolve(path)
-  workdir = os.path.dirname(directory)
-  cfg_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f'{cfg_path} not found: to-hf needs the run\'s config next to its '
-                            f'checkpoints')
-  return ml_collections.ConfigDict(json.load(open(cfg_path))), directory, step
-
-
-def model_config(cfg, tok):
-  has_head = objectives.get(cfg.objective).has_head
-  labels = objectives.labels(cfg.data) if has_head else (0, None)
-  return model_lib.config_from(cfg.model, tok.vocab_size, labels[0]), labels[1]
-
-
 def read_params(params_dir, paths):
   """{path: numpy array} for some params of an orbax checkpoint, read on the host only."""
   item, args = {}, {}
@@ -312,9 +295,10 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
   Returns the max abs logit difference (None without verification)."""
   from safetensors.numpy import save_file
   from transformers import GenerationConfig
-  cfg, directory, step = run_config(path)
+  cfg, directory, step = checkpoint.run_config(path)
   tok = tokenizer_lib.build(cfg.tokenizer)
-  model_cfg, label_names = model_config(cfg, tok)
+  model_cfg = objectives.model_config(cfg, tok)
+  label_names = objectives.labels(cfg.data)[1] if model_cfg.num_labels else None
   params_dir = os.path.join(directory, str(step), 'params')
   rows = table(model_cfg)
   checkpoint.check_params(params_dir, {p: jax.ShapeDtypeStruct(s, np.float32)

@@ -1,15 +1,23 @@
 """Held-out evaluation per objective: statistics summed over a split, then the objective's metrics.
 
+    python -m jaxft.evaluate --workdir runs/demo_labeled_pair --split test [--step 300]
+
 next_token: loss, perplexity; labeled_pair: completion loss, perplexity and exact match of greedy
 completions (on the first `exact_match_examples` of the split); classification: loss, accuracy,
 macro-F1 and the confusion matrix. Padding rows carry no weight, so every number is exact.
 """
+import argparse
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft import data, objectives, sharding
+from jaxft import checkpoint, config as config_lib, data, model as model_lib, objectives, \
+    sharding, tokenizer as tokenizer_lib
 
 
 def greedy(model, tokens_BL, prompt_len_B, num_new):
@@ -92,3 +100,68 @@ class Evaluator:
     for arrays from exact_match_examples."""
     sums = self._sums(self.match_step, params, pairs, 0)
     return float(sums['matches'] / sums['count']), int(sums['count'])
+
+
+def write_report(workdir, cfg, step, split, metrics, baselines, max_batches=0):
+  """<workdir>/eval/<split>_<step>.json: the metrics beside the split's trivial baselines."""
+  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  extra = {}
+  if objectives.get(cfg.objective).has_head:
+    extra['label_names'] = objectives.labels(cfg.data)[1]
+  path = os.path.join(workdir, 'eval', f'{split}_{step}.json')
+  with open(path, 'w') as f:
+    json.dump({'step': step, 'split': split, 'objective': cfg.objective, 'metrics': metrics,
+               'baselines': baselines, 'batches': max_batches or 'all', **extra}, f, indent=1)
+  return path
+
+
+def load(workdir, step=None, mesh=None):
+  """(config, tokenizer, GPTConfig, graphdef, params on `mesh`) of a run's checkpoint."""
+  if step is not None:
+    workdir = os.path.join(checkpoint.resolve(workdir)[0], str(step))
+  cfg, directory, step = checkpoint.run_config(workdir)
+  tok = tokenizer_lib.build(cfg.tokenizer)
+  model_cfg = objectives.model_config(cfg, tok)
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  with sharding.activate(mesh):
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
+  params, _ = checkpoint.restore_params(os.path.join(directory, str(step)), abstract,
+                                        sharding.state_shardings(abstract, mesh), new_ok=None)
+  return cfg, tok, model_cfg, graphdef, params
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog='python -m jaxft.evaluate')
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--split', default='test', choices=('train', 'val', 'test'))
+  parser.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  args = parser.parse_args(argv)
+  cfg, tok, _, graphdef, params = load(args.workdir, args.step)
+  step = args.step if args.step is not None else checkpoint.resolve(args.workdir)[1]
+  objective = objectives.get(cfg.objective)
+  records = data.load_splits(cfg.data, cfg.seed)
+  examples = {s: objective.encode(records[s], tok, cfg.data) for s in {'train', args.split}}
+  evaluator = Evaluator(graphdef, objective, examples, records, tok, cfg,
+                        sharding.make_mesh(cfg.mesh))
+  metrics = evaluator(params, args.split)
+  vocab = objectives.model_config(cfg, tok).vocab_size
+  baselines = objectives.baselines(objective, records['train'], examples['train'],
+                                   records[args.split], examples[args.split], tok, cfg.data, vocab)
+  path = write_report(args.workdir, cfg, step, args.split, metrics, baselines)
+  print(f'{cfg.objective} on {args.split} at step {step}:')
+  for k, v in {**metrics, **{f'baseline {k}': v for k, v in baselines.items()}}.items():
+    if k == 'confusion':
+      print(f'  {"confusion (rows: true, cols: predicted)":40s}')
+      for name, row in zip(objectives.labels(cfg.data)[1], v):
+        print(f'    {name:>12s} ' + ' '.join(f'{n:6d}' for n in row))
+    else:
+      print(f'  {k:40s} {v:.4f}' if isinstance(v, float) else f'  {k:40s} {v}')
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  try:
+    main(sys.argv[1:])
+  except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointMismatch,
+          FileNotFoundError) as e:
+    sys.exit(f'error: {e}')

@@ -118,17 +118,25 @@ class Attention(nnx.Module):
     self.c_proj_kernel = _param(rngs, (H, K, D), ('heads', 'kv', 'embed'), std)
     self.c_proj_bias = _param(rngs, (D,), ('embed',))
 
-  def __call__(self, x_BLD, mask_B1LL, key):
+  def project(self, x_BLD):
+    """Queries, keys and values [batch, length, heads, head_dim]."""
     dt = x_BLD.dtype
     qkv = jnp.einsum('bld,dthk->tblhk', x_BLD, self.c_attn_kernel[...].astype(dt))
-    q_BLHK, k_BLHK, v_BLHK = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
-    scores_BHLL = jnp.einsum('blhk,bmhk->bhlm', q_BLHK, k_BLHK).astype(jnp.float32)
-    scores_BHLL = jnp.where(mask_B1LL, scores_BHLL / math.sqrt(self.cfg.head_dim), -1e30)
-    probs_BHLL = jax.nn.softmax(scores_BHLL, axis=-1).astype(dt)
-    probs_BHLL = _dropout(probs_BHLL, self.cfg.dropout, key)
-    out_BLHK = jnp.einsum('bhlm,bmhk->blhk', probs_BHLL, v_BLHK)
+    return qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+
+  def attend(self, q_BLHK, k_BMHK, v_BMHK, mask_B1LM, key):
+    """Attention of L queries over M keys (M = L in training, the KV cache when decoding)."""
+    dt = q_BLHK.dtype
+    scores_BHLM = jnp.einsum('blhk,bmhk->bhlm', q_BLHK, k_BMHK).astype(jnp.float32)
+    scores_BHLM = jnp.where(mask_B1LM, scores_BHLM / math.sqrt(self.cfg.head_dim), -1e30)
+    probs_BHLM = jax.nn.softmax(scores_BHLM, axis=-1).astype(dt)
+    probs_BHLM = _dropout(probs_BHLM, self.cfg.dropout, key)
+    out_BLHK = jnp.einsum('bhlm,bmhk->blhk', probs_BHLM, v_BMHK)
     return jnp.einsum('blhk,hkd->bld', out_BLHK, self.c_proj_kernel[...].astype(dt)) + \
         self.c_proj_bias[...].astype(dt)
+
+  def __call__(self, x_BLD, mask_B1LL, key):
+    return self.attend(*self.project(x_BLD), mask_B1LL, key)
 
 
 class MLP(nnx.Module):
@@ -198,6 +206,34 @@ class GPT(nnx.Module):
     for block, key in zip(self.h, keys):
       x_BLD = block(x_BLD, mask_B1LL, key)
     return self.ln_f(x_BLD)
+
+  def init_cache(self, batch, slots):
+    """An empty KV cache: per layer (keys, values) [batch, slots, heads, head_dim]."""
+    shape = (batch, slots, self.cfg.num_heads, self.cfg.head_dim)
+    return [(jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype))
+            for _ in range(self.cfg.num_layers)]
+
+  def extend(self, tokens_BL, start_B, cache):
+    """Decoding: run tokens at positions start_B + 0..L-1 of each row against the KV cache,
+    writing their keys and values into those slots (prefill: the prompts at start 0; then one
+    token per step). Returns (hidden [batch, L, embed], cache). No dropout."""
+    B, L = tokens_BL.shape
+    positions_BL = start_B[:, None] + jnp.arange(L)
+    slots = cache[0][0].shape[1]
+    if slots > self.cfg.max_len:
+      raise ValueError(f'{slots} cache slots > model max_len {self.cfg.max_len}')
+    mask_B1LM = (jnp.arange(slots) <= positions_BL[:, :, None])[:, None]
+    rows_B1 = jnp.arange(B)[:, None]
+    x_BLD = (self.wte[...][tokens_BL] + self.wpe[...][positions_BL]).astype(self.cfg.dtype)
+    new_cache = []
+    for block, (k_BMHK, v_BMHK) in zip(self.h, cache):
+      q_BLHK, k_BLHK, v_BLHK = block.attn.project(block.ln_1(x_BLD))
+      k_BMHK = k_BMHK.at[rows_B1, positions_BL].set(k_BLHK)
+      v_BMHK = v_BMHK.at[rows_B1, positions_BL].set(v_BLHK)
+      x_BLD = x_BLD + block.attn.attend(q_BLHK, k_BMHK, v_BMHK, mask_B1LM, None)
+      x_BLD = x_BLD + block.mlp(block.ln_2(x_BLD))
+      new_cache.append((k_BMHK, v_BMHK))
+    return self.ln_f(x_BLD), new_cache
 
   def logits(self, hidden_BLD):
     """Tied LM head, float32 logits [batch, length, vocab]; padding ids (>= tokenizer_vocab) get

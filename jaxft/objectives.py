@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxft import data
+from jaxft import data, model as model_lib
 
 
 class Encoded(dict):
@@ -275,6 +275,12 @@ OBJECTIVES = {
     'classification': Objective('classification', encode_classification, class_loss,
                                 class_eval_sums, class_metrics, has_head=True),
 }
+
+
+def model_config(cfg, tok):
+  """The GPTConfig of a run: config.model + the tokenizer's vocab + the objective's head."""
+  has_head = get(cfg.objective).has_head
+  return model_lib.config_from(cfg.model, tok.vocab_size, labels(cfg.data)[0] if has_head else 0)
 
 
 def get(name):

@@ -195,8 +195,7 @@ def run(cfg, workdir):
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   records, examples = encode_splits(cfg, objective, tok)
-  num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
-  model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
+  model_cfg = objectives.model_config(cfg, tok)
   if cfg.data.seq_len > model_cfg.max_len:
     raise config_lib.ConfigError(
         f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
@@ -257,18 +256,15 @@ def run(cfg, workdir):
   metrics_log = MetricsLog(workdir, step)
   progress = Progress(step, T.steps)
   window = {'tokens': 0.0, 'time': time.time()}
+  final, started = {}, time.time()
 
   def run_eval(split, max_batches):
     result = evaluator(state['params'], split, max_batches)
     metrics_log.write(step, split, result)
     if jax.process_index() == 0:
-      os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-      extra = {'label_names': objectives.labels(cfg.data)[1]} if objective.has_head else {}
-      with open(os.path.join(workdir, 'eval', f'{split}_{step}.json'), 'w') as f:
-        json.dump({'step': step, 'split': split, 'objective': cfg.objective, 'metrics': result,
-                   'baselines': baselines[split], 'batches': max_batches or 'all', **extra},
-                  f, indent=1)
+      evaluate.write_report(workdir, cfg, step, split, result, baselines[split], max_batches)
     log(f'step {step} {split}: ' + summary(result) + ' | baselines: ' + summary(baselines[split]))
+    final[split] = result
     return result
 
   def save(ckpt_metrics=None):
@@ -331,6 +327,13 @@ def run(cfg, workdir):
       val, _ = run_eval('val', 0), run_eval('test', 0)
       if mngr.latest_step() != step:
         save({'val_loss': val['loss']})
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+          json.dump({'objective': cfg.objective, 'steps': step, 'tokens': totals['tokens'],
+                     'supervised_tokens': totals['supervised_tokens'],
+                     'wall_s': round(time.time() - started, 1),  # This process (resumes add up).
+                     'val': final['val'], 'test': final['test'],
+                     'baselines': baselines}, f, indent=1)
   finally:
     progress.close()
     mngr.wait_until_finished()

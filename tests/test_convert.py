@@ -86,9 +86,9 @@ def test_export_check_catches_a_wrong_tensor(tmp_path):
   t = tensors(out)
   t['transformer.h.1.mlp.c_fc.bias'] = t['transformer.h.1.mlp.c_fc.bias'] + 1e-2
   save_file(t, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
-  cfg, directory, step = convert.run_config(str(tmp_path / 'jaxft'))
+  cfg, directory, step = checkpoint.run_config(str(tmp_path / 'jaxft'))
   tok = tokenizer.build(cfg.tokenizer)
-  model_cfg, _ = convert.model_config(cfg, tok)
+  model_cfg = objectives.model_config(cfg, tok)
   with pytest.raises(checkpoint.CheckpointMismatch, match=r'transformers logits differ from jaxft '
                                                            r'by [0-9.e-]+ > 0.0001'):
     convert.verify_export(out, os.path.join(directory, str(step), 'params'), model_cfg, tok)
@@ -147,9 +147,9 @@ def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
   assert convert.export(lm, str(tmp_path / 'lm_hf')) < 1e-4
   gen = transformers.pipeline('text-generation', model=str(tmp_path / 'lm_hf'))
   # Greedy generation equals jaxft's greedy decoding of the same checkpoint.
-  cfg, directory, step = convert.run_config(lm)
+  cfg, directory, step = checkpoint.run_config(lm)
   tok = tokenizer.build(cfg.tokenizer)
-  model_cfg, _ = convert.model_config(cfg, tok)
+  model_cfg = objectives.model_config(cfg, tok)
   values = convert.read_params(os.path.join(directory, str(step), 'params'),
                                [r[0] for r in convert.table(model_cfg)])
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
@@ -164,7 +164,9 @@ def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
   assert text == '12+34=' + expected
 
   cls = str(tmp_path / 'cls')
-  train.main(small_argv(cls, objective='classification', train__steps=3))
+  # Trained with params sharded over fsdp x tensor: export reads the checkpoint on the host.
+  train.main(small_argv(cls, objective='classification', train__steps=3, mesh__data=2,
+                        mesh__fsdp=2, mesh__tensor=2))
   assert convert.export(cls, str(tmp_path / 'cls_hf')) < 1e-4
   clf = transformers.pipeline('text-classification', model=str(tmp_path / 'cls_hf'))
   out = clf(['12+34=', '99+99=', '5-3='])

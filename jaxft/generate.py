@@ -1,0 +1,133 @@
+"""Text generation from a run's checkpoint: jitted KV-cache decoding (prefill, then one token a step).
+
+    python -m jaxft.generate --workdir runs/demo --prompt '23+58='
+    python -m jaxft.generate --workdir runs/demo --prompts-file prompts.jsonl --out out.jsonl \\
+        [--max-new-tokens 32 --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0 --num-samples 4]
+
+Prompts of different lengths share a batch (right-padded; each row decodes from its own length)
+and stop at EOS. Works for next_token and labeled_pair runs and for `convert from-hf` workdirs.
+"""
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft import checkpoint, config as config_lib, data, evaluate, sharding
+
+
+def sample(logits_BV, key, temperature, top_k, top_p):
+  """Next tokens [batch]: greedy at temperature 0, else sampled from the temperature-scaled
+  distribution cut to the top_k tokens (0: all) and the top_p probability mass (1: all)."""
+  if temperature == 0:
+    return jnp.argmax(logits_BV, -1)
+  logits_BV = logits_BV / temperature
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p < 1:
+    sorted_BV = jnp.sort(logits_BV, -1)[:, ::-1]
+    mass_before_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, -1), -1) - jax.nn.softmax(sorted_BV, -1)
+    keep_BV = mass_before_BV < top_p  # The most likely token is always kept.
+    cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), -1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV)
+
+
+def make_generate(graphdef, eos_id, max_new, temperature=0.0, top_k=0, top_p=1.0):
+  """jitted generate(params, prompts [B, P] right-padded, prompt lengths [B], key) -> new tokens
+  [B, max_new] (EOS after a row has finished). Stops early once every row has hit EOS."""
+
+  @jax.jit
+  def generate(params, prompts_BP, prompt_len_B, key):
+    model = nnx.merge(graphdef, params)
+    B, P = prompts_BP.shape
+    cache = model.init_cache(B, P + max_new)
+    hidden_BPD, cache = model.extend(prompts_BP, jnp.zeros((B,), jnp.int32), cache)
+    last_B1D = hidden_BPD[jnp.arange(B), prompt_len_B - 1][:, None]
+    logits_BV = model.logits(last_B1D)[:, 0]
+
+    def unfinished(carry):
+      i, _, _, done_B, _ = carry
+      return (i < max_new) & ~jnp.all(done_B)
+
+    def step(carry):
+      i, logits_BV, cache, done_B, out_BN = carry
+      token_B = sample(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
+      token_B = jnp.where(done_B, eos_id, token_B).astype(jnp.int32)
+      hidden_B1D, cache = model.extend(token_B[:, None], prompt_len_B + i, cache)
+      return (i + 1, model.logits(hidden_B1D)[:, 0], cache, done_B | (token_B == eos_id),
+              out_BN.at[:, i].set(token_B))
+
+    out_BN = jnp.full((B, max_new), eos_id, jnp.int32)
+    carry = (0, logits_BV, cache, jnp.zeros((B,), bool), out_BN)
+    return jax.lax.while_loop(unfinished, step, carry)[-1]
+
+  return generate
+
+
+def pad_prompts(prompts, pad_id, multiple):
+  """Token lists -> (right-padded [rows, P] array, lengths); rows padded to a multiple with
+  copies of the first prompt (their outputs are dropped)."""
+  rows = -(-len(prompts) // multiple) * multiple
+  prompts = prompts + [prompts[0]] * (rows - len(prompts))
+  out = np.full((rows, max(map(len, prompts))), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    out[i, :len(p)] = p
+  return out, np.array([len(p) for p in prompts], np.int32)
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog='python -m jaxft.generate')
+  parser.add_argument('--workdir', required=True, help='run directory (or convert from-hf output)')
+  parser.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument('--prompt', help='one prompt')
+  src.add_argument('--prompts-file', help='.jsonl with a "prompt" field per line')
+  parser.add_argument('--out', help='JSONL output for --prompts-file (default: stdout)')
+  parser.add_argument('--max-new-tokens', type=int, default=32)
+  parser.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+  parser.add_argument('--top-k', type=int, default=0)
+  parser.add_argument('--top-p', type=float, default=1.0)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--num-samples', type=int, default=1)
+  args = parser.parse_args(argv)
+  cfg, tok, model_cfg, graphdef, params = evaluate.load(args.workdir, args.step)
+  if args.prompt is not None:
+    texts = [args.prompt]
+  else:
+    texts = [data.field(r, 'prompt', where) for r, where in data.read_records(args.prompts_file)]
+  prompts = [tok.encode(t) or [tok.eos_id] for t in texts for _ in range(args.num_samples)]
+  longest = max(map(len, prompts))
+  if longest + args.max_new_tokens > model_cfg.max_len:
+    raise config_lib.ConfigError(f'longest prompt ({longest} tokens) + --max-new-tokens '
+                                 f'{args.max_new_tokens} > model max_len {model_cfg.max_len}')
+  mesh = sharding.make_mesh(cfg.mesh)
+  tokens, lengths = pad_prompts(prompts, tok.pad_id, mesh.shape['data'] * mesh.shape['fsdp'])
+  generate = make_generate(graphdef, tok.eos_id, args.max_new_tokens, args.temperature,
+                           args.top_k, args.top_p)
+  batch = sharding.shard_batch({'tokens': tokens, 'lengths': lengths}, mesh)
+  out = np.asarray(jax.device_get(generate(params, batch['tokens'], batch['lengths'],
+                                           jax.random.key(args.seed))))
+  sink = open(args.out, 'w') if args.out else sys.stdout
+  for i, text in enumerate(t for t in texts for _ in range(args.num_samples)):
+    ids = out[i].tolist()
+    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+    if args.prompt is not None and not args.out:
+      print(text + tok.decode(ids))
+    else:
+      sink.write(json.dumps({'prompt': text, 'sample': i % args.num_samples,
+                             'completion': tok.decode(ids)}) + '\n')
+  if args.out:
+    sink.close()
+
+
+if __name__ == '__main__':
+  try:
+    main(sys.argv[1:])
+  except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointMismatch,
+          FileNotFoundError) as e:
+    sys.exit(f'error: {e}')

@@ -1,0 +1,110 @@
+"""KV-cache decoding against full-forward decoding and transformers' generate(); the generate and
+evaluate command lines; summary.json."""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import small_argv
+from jaxft import config as config_lib, convert, evaluate, generate, sharding, train
+from test_convert import hf_dir
+
+PROMPTS = ['12+34=', '7-', 'hello there, ', '9']
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  """A random tiny HF GPT-2 (byte tokenizer) imported as a jaxft workdir: (hf dir, workdir)."""
+  tmp = tmp_path_factory.mktemp('gen')
+  src = hf_dir(tmp / 'hf')
+  convert.import_hf(src, str(tmp / 'run'))
+  return src, str(tmp / 'run')
+
+
+def decode(workdir, devices, max_new=8, **sampling):
+  """KV-cache and full-forward decodes of PROMPTS on a mesh over `devices`."""
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}),
+                            devices)
+  cfg, tok, _, graphdef, params = evaluate.load(workdir, mesh=mesh)
+  tokens, lengths = generate.pad_prompts([tok.encode(p) for p in PROMPTS], tok.pad_id, len(devices))
+  batch = sharding.shard_batch({'tokens': tokens, 'lengths': lengths}, mesh)
+  cached = generate.make_generate(graphdef, tok.eos_id, max_new, **sampling)(
+      params, batch['tokens'], batch['lengths'], jax.random.key(0))
+  buf = np.full((len(tokens), tokens.shape[1] + max_new), tok.pad_id, np.int32)
+  buf[:, :tokens.shape[1]] = tokens
+  with sharding.activate(mesh):
+    full = jax.jit(lambda p, t, n: evaluate.greedy(nnx.merge(graphdef, p), t, n, max_new))(
+        params, sharding.shard_batch({'t': buf}, mesh)['t'], batch['lengths'])
+  return tok, np.asarray(cached)[:len(PROMPTS)], np.asarray(full)[:len(PROMPTS)]
+
+
+def until_eos(ids, eos):
+  ids = list(ids)
+  return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_kv_cache_decoding_equals_full_forward(imported, num_devices):
+  tok, cached, full = decode(imported[1], jax.devices()[:num_devices])
+  for a, b in zip(cached, full):
+    assert until_eos(a, tok.eos_id) == until_eos(b, tok.eos_id)
+  assert len(set(map(tuple, cached))) > 1  # Different prompts, different continuations.
+
+
+def test_greedy_equals_transformers_generate(imported):
+  src, workdir = imported
+  tok, cached, _ = decode(workdir, jax.devices()[:1], max_new=10)
+  import transformers
+  hf = transformers.GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32).eval()
+  for prompt, ours in zip(PROMPTS, cached):
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.no_grad():
+      theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=10, pad_token_id=257)[0, ids.shape[1]:].tolist()
+    assert until_eos(ours, tok.eos_id) == until_eos(theirs, tok.eos_id), prompt
+
+
+def test_sampling_settings(imported):
+  workdir = imported[1]
+  tok, greedy, _ = decode(workdir, jax.devices()[:1])
+  _, top1, _ = decode(workdir, jax.devices()[:1], temperature=1.0, top_k=1)
+  _, nucleus0, _ = decode(workdir, jax.devices()[:1], temperature=1.0, top_p=1e-6)
+  np.testing.assert_array_equal(top1, greedy)  # top_k=1 and a vanishing top_p are greedy.
+  np.testing.assert_array_equal(nucleus0, greedy)
+  _, hot, _ = decode(workdir, jax.devices()[:1], temperature=5.0)
+  assert not np.array_equal(hot, greedy)
+  logits = jax.numpy.log(jax.numpy.array([[0.5, 0.3, 0.15, 0.05]]))
+  draws = {int(generate.sample(logits, jax.random.key(s), 1.0, 0, 0.7)[0]) for s in range(200)}
+  assert draws == {0, 1}  # top_p 0.7 keeps the tokens whose preceding mass is below 0.7.
+
+
+def test_generate_and_evaluate_command_lines(tmp_path, capsys):
+  wd = str(tmp_path / 'run')
+  train.main(small_argv(wd, objective='labeled_pair', train__steps=4, train__eval_every=4,
+                        train__exact_match_examples=16))
+  summary = json.load(open(os.path.join(wd, 'summary.json')))
+  assert summary['steps'] == 4 and summary['objective'] == 'labeled_pair'
+  assert 0 < summary['supervised_tokens'] < summary['tokens']
+  assert set(summary['test']) >= {'loss', 'perplexity', 'exact_match'}
+  final = json.load(open(os.path.join(wd, 'eval', 'test_4.json')))['metrics']
+  os.remove(os.path.join(wd, 'eval', 'test_4.json'))
+  evaluate.main(['--workdir', wd, '--split', 'test'])
+  again = json.load(open(os.path.join(wd, 'eval', 'test_4.json')))
+  assert again['metrics'] == pytest.approx(final) and 'constant_exact_match' in again['baselines']
+  assert 'labeled_pair on test at step 4' in capsys.readouterr().out
+  prompts = tmp_path / 'p.jsonl'
+  prompts.write_text('{"prompt": "1+1="}\n{"prompt": "30-4="}\n{"prompt": "5+"}\n')
+  out = tmp_path / 'out.jsonl'
+  generate.main(['--workdir', wd, '--prompts-file', str(prompts), '--out', str(out),
+                 '--num-samples', '2', '--temperature', '0.7', '--max-new-tokens', '5'])
+  lines = [json.loads(l) for l in open(out)]
+  assert [(l['prompt'], l['sample']) for l in lines] == [
+      ('1+1=', 0), ('1+1=', 1), ('30-4=', 0), ('30-4=', 1), ('5+', 0), ('5+', 1)]
+  assert all(len(l['completion']) <= 5 for l in lines)  # At most one character per byte token.
+  with pytest.raises(config_lib.ConfigError, match=r'\+ --max-new-tokens 61 > model max_len 64'):
+    generate.main(['--workdir', wd, '--prompt', '1+1=', '--max-new-tokens', '61'])
