@@ -1,6 +1,7 @@
 """Benchmark the train step: tokens/s, step time, model FLOP/s and peak memory for a config.
 
     python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
+    python -m jaxft.bench --config=configs/demo.py --decode [--batch=1 --prompt-len=64 --new=64]
 
 Random text, encoded by the run's objective into full rows, stands in for data (the input pipeline
 is not what is measured). Prints one JSON line.
@@ -12,9 +13,10 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
-from jaxft import config as config_lib, model as model_lib, objectives, optim, sharding, \
-    tokenizer as tokenizer_lib, train
+from jaxft import config as config_lib, evaluate, generate, model as model_lib, objectives, optim, \
+    sharding, tokenizer as tokenizer_lib, train
 
 
 def step_flops(model_cfg, batch, seq_len):
@@ -71,16 +73,58 @@ def bench(cfg, steps):
   }
 
 
+def timed(fn, *args):
+  """(seconds of the first call, incl. compilation; seconds of the second call)."""
+  times = []
+  for _ in range(2):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def bench_decode(cfg, batch, prompt_len, new):
+  """Greedy decoding of `new` tokens after random `prompt_len`-token prompts: jaxft.generate's
+  KV cache against a full forward pass per token (evaluate.greedy), on a random model."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  tok = tokenizer_lib.build(cfg.tokenizer)
+  model_cfg = objectives.model_config(cfg, tok)
+  with sharding.activate(mesh):
+    model = model_lib.GPT(model_cfg, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  prompts = np.random.default_rng(0).integers(0, 256, (batch, prompt_len)).astype(np.int32)
+  lengths = np.full((batch,), prompt_len, np.int32)
+  never = -1  # No EOS: every run decodes exactly `new` tokens.
+  cached = generate.make_generate(graphdef, never, new)
+  buf = np.concatenate([prompts, np.zeros((batch, new), np.int32)], 1)
+  full = jax.jit(lambda p, t, n: evaluate.greedy(nnx.merge(graphdef, p), t, n, new))
+  key = jax.random.key(0)
+  (c_first, c_s), (f_first, f_s) = timed(cached, params, prompts, lengths, key), \
+      timed(full, params, buf, lengths)
+  return {'platform': jax.devices()[0].platform, 'model': model_cfg.__dict__, 'batch': batch,
+          'prompt_len': prompt_len, 'new_tokens': new,
+          'kv_cache': {'compile_s': round(c_first - c_s, 2), 's': round(c_s, 3),
+                       'tokens_per_s': round(batch * new / c_s, 1)},
+          'full_forward': {'compile_s': round(f_first - f_s, 2), 's': round(f_s, 3),
+                           'tokens_per_s': round(batch * new / f_s, 1)}}
+
+
 def main(argv):
-  steps = 20
-  rest = []
+  opts = {'steps': 20, 'batch': 1, 'prompt-len': 64, 'new': 64}
+  rest, decode = [], False
   for a in argv:
-    if a.startswith('--steps='):
-      steps = int(a.split('=', 1)[1])
+    name, _, value = a[2:].partition('=')
+    if a == '--decode':
+      decode = True
+    elif name in opts:
+      opts[name] = int(value)
     else:
       rest.append(a)
   cfg, _ = config_lib.parse_args(rest)
-  print(json.dumps(bench(cfg, steps)))
+  if decode:
+    print(json.dumps(bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])))
+  else:
+    print(json.dumps(bench(cfg, opts['steps'])))
 
 
 if __name__ == '__main__':

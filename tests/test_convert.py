@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from conftest import small_argv, small_config
-from jaxft import checkpoint, convert, evaluate, model as model_lib, sharding, tokenizer, train
+from jaxft import checkpoint, convert, evaluate, model as model_lib, objectives, sharding, \
+    tokenizer, train
 
 TINY = dict(vocab_size=258, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=256,
             eos_token_id=256, pad_token_id=257)
@@ -130,8 +132,6 @@ def test_init_from_hf_loads_onto_a_mesh_and_keeps_logits(tmp_path):
   mask = tokens != 257
   batch = {'tokens': tokens, 'positions': np.where(mask, np.arange(8), 0),
            'segment_ids': mask.astype(np.int32)}
-  from flax import nnx
-  from jaxft import objectives
   with sharding.activate(mesh):
     ours = np.asarray(objectives.class_logits(nnx.merge(graphdef, params),
                                               sharding.shard_batch(batch, mesh)))
@@ -154,7 +154,6 @@ def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
                                [r[0] for r in convert.table(model_cfg)])
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   graphdef, abstract = convert.abstract_model(model_cfg, mesh)
-  from flax import nnx
   model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: jnp.asarray(values[p]), abstract))
   prompt = tok.encode('12+34=')
   buf = np.array([prompt + [tok.pad_id] * 6])
