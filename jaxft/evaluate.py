@@ -135,9 +135,16 @@ def main(argv):
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--split', default='test', choices=('train', 'val', 'test'))
   parser.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  parser.add_argument('--objective', help='judge by another objective with the same model, e.g. '
+                      'a next_token run by labeled_pair exact match (default: the run\'s)')
   args = parser.parse_args(argv)
   cfg, tok, _, graphdef, params = load(args.workdir, args.step)
   step = args.step if args.step is not None else checkpoint.resolve(args.workdir)[1]
+  if args.objective:
+    if objectives.get(args.objective).has_head != objectives.get(cfg.objective).has_head:
+      raise config_lib.ConfigError(f'--objective {args.objective} needs a different model head '
+                                   f'than the run\'s {cfg.objective}')
+    cfg.objective = args.objective
   objective = objectives.get(cfg.objective)
   records = data.load_splits(cfg.data, cfg.seed)
   examples = {s: objective.encode(records[s], tok, cfg.data) for s in {'train', args.split}}
@@ -147,7 +154,8 @@ def main(argv):
   vocab = objectives.model_config(cfg, tok).vocab_size
   baselines = objectives.baselines(objective, records['train'], examples['train'],
                                    records[args.split], examples[args.split], tok, cfg.data, vocab)
-  path = write_report(args.workdir, cfg, step, args.split, metrics, baselines)
+  split = args.split if not args.objective else f'{args.split}_as_{args.objective}'
+  path = write_report(args.workdir, cfg, step, split, metrics, baselines)
   print(f'{cfg.objective} on {args.split} at step {step}:')
   for k, v in {**metrics, **{f'baseline {k}': v for k, v in baselines.items()}}.items():
     if k == 'confusion':

@@ -1,0 +1,123 @@
+"""Ablation runner: a grid of config overrides x seeds, each run a `python -m jaxft.train`.
+
+    python -m experiments.ablate --config=configs/demo.py:classification \
+        --sweep optim.lr=1e-3,3e-4 --sweep train.trainable=all,head --seeds 3 --out runs/lr_vs_frozen \
+        [--set train.steps=200] [--jobs 2] [--eval-as labeled_pair]
+
+Sweep values may use {seed} (e.g. --sweep train.init_from=,runs/pre/seed_{seed}; an empty value
+leaves the key at its default). Finished runs (summary.json present) are skipped, interrupted
+ones resume from their checkpoint. Each run directory gets run.json: its overrides, the git
+commit, a fingerprint of its data and the final metrics. Then results.md / results.csv (mean +-
+std over seeds per cell) and plots are written to --out (see experiments/report.py).
+"""
+import argparse
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+from experiments import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_sweep(text):
+  key, _, values = text.partition('=')
+  if not key or not values:
+    raise SystemExit(f'--sweep {text!r}: expected key=value1,value2,...')
+  return key, values.split(',')
+
+
+def expand(sweeps, seeds):
+  """[(cell name, {key: value}, seed)] over the grid of sweeps x seeds, in a stable order."""
+  keys = [k for k, _ in sweeps]
+  runs = []
+  for values in itertools.product(*[v for _, v in sweeps]):
+    cell = dict(zip(keys, values))
+    name = ','.join(f'{k}={v}' for k, v in cell.items()).replace('/', '|') or 'base'
+    runs += [(name, cell, seed) for seed in range(seeds)]
+  return runs
+
+
+def command(config, cell, seed, sets, workdir):
+  overrides = {**dict(s.split('=', 1) for s in sets), **cell, 'seed': str(seed)}
+  args = [f'--config.{k}={v.format(seed=seed)}' for k, v in overrides.items() if v != '']
+  return [sys.executable, '-m', 'jaxft.train', f'--config={config}', f'--workdir={workdir}', *args]
+
+
+def git_commit():
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def data_fingerprint(workdir):
+  """sha256 of the run's train/val/test records, so runs can be checked to share their data."""
+  import ml_collections
+  from jaxft import data
+  with open(os.path.join(workdir, 'config.json')) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  splits = data.load_splits(cfg.data, cfg.seed)
+  digest = hashlib.sha256()
+  for split in ('train', 'val', 'test'):
+    for rec, _ in splits[split]:
+      digest.update(json.dumps(rec, sort_keys=True).encode())
+  return digest.hexdigest()[:16]
+
+
+def run_one(config, name, cell, seed, sets, out, eval_as):
+  """Train (or resume, or skip) one run; returns its directory."""
+  workdir = os.path.join(out, name, f'seed_{seed}')
+  if not os.path.isfile(os.path.join(workdir, 'summary.json')):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'train.log'), 'a') as log:
+      subprocess.run(command(config, cell, seed, sets, workdir), cwd=ROOT, stdout=log,
+                     stderr=subprocess.STDOUT, check=True)
+  if os.path.isfile(os.path.join(workdir, 'run.json')):
+    return workdir
+  extra = {}
+  if eval_as:  # Judge the final checkpoint by another objective's metrics too.
+    for split in ('val', 'test'):
+      subprocess.run([sys.executable, '-m', 'jaxft.evaluate', f'--workdir={workdir}',
+                      f'--split={split}', f'--objective={eval_as}'], cwd=ROOT, check=True,
+                     capture_output=True)
+      extra[split] = report.latest_eval(workdir, f'{split}_as_{eval_as}')
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  record = {'cell': name, 'overrides': {**cell, 'seed': seed}, 'sets': sets, 'config': config,
+            'git_commit': git_commit(), 'data_fingerprint': data_fingerprint(workdir),
+            'final': {s: summary[s] for s in ('val', 'test')}, f'as_{eval_as}': extra or None}
+  with open(os.path.join(workdir, 'run.json'), 'w') as f:
+    json.dump(record, f, indent=1)
+  return workdir
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog='python -m experiments.ablate')
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--sweep', action='append', default=[], type=parse_sweep)
+  parser.add_argument('--set', action='append', default=[], dest='sets',
+                      help='key=value applied to every run')
+  parser.add_argument('--seeds', type=int, default=1)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--jobs', type=int, default=1, help='runs at once')
+  parser.add_argument('--eval-as', help='also score each run as this objective (e.g. labeled_pair)')
+  args = parser.parse_args(argv)
+  runs = expand(args.sweep, args.seeds)
+  print(f'{len(runs)} runs ({len(runs) // args.seeds} cells x {args.seeds} seeds) -> {args.out}',
+        flush=True)
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    futures = [pool.submit(run_one, args.config, name, cell, seed, args.sets, args.out,
+                           args.eval_as) for name, cell, seed in runs]
+    for fut in concurrent.futures.as_completed(futures):
+      print(f'done {os.path.relpath(fut.result(), args.out)}', flush=True)
+  print(report.write(args.out, [k for k, _ in args.sweep]))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

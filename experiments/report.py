@@ -1,0 +1,128 @@
+"""Tables and plots over an ablation's run directories (<out>/<cell>/seed_<n>/run.json).
+
+    python -m experiments.report runs/lr_vs_frozen [--keys optim.lr,train.trainable]
+
+results.md and results.csv: mean +- std over seeds of every final test metric per cell;
+learning_curves.png: train loss per cell, mean over seeds with the min-max band shaded;
+final_vs_<key>.png: each cell's main metric against its value of every swept key.
+"""
+import csv
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+MAIN_METRIC = {'next_token': 'loss', 'labeled_pair': 'exact_match', 'classification': 'accuracy'}
+
+
+def latest_eval(workdir, split):
+  """Metrics of the newest eval/<split>_<step>.json of a run."""
+  paths = glob.glob(os.path.join(workdir, 'eval', f'{split}_*.json'))
+  step = lambda p: int(p.rsplit('_', 1)[1].split('.')[0])
+  paths = [p for p in paths if p.rsplit('_', 1)[1].split('.')[0].isdigit()]
+  with open(max(paths, key=step)) as f:
+    return json.load(f)['metrics']
+
+
+def collect(out):
+  """{cell: [(workdir, run record)]} for every finished run under `out`."""
+  cells = {}
+  for path in sorted(glob.glob(os.path.join(out, '*', 'seed_*', 'run.json'))):
+    with open(path) as f:
+      record = json.load(f)
+    cells.setdefault(record['cell'], []).append((os.path.dirname(path), record))
+  return cells
+
+
+def scalars(record):
+  """Final test metrics (and other-objective scores) of a run as {name: float}."""
+  out = {k: v for k, v in record['final']['test'].items() if isinstance(v, (int, float))}
+  for key, extra in record.items():
+    if key.startswith('as_') and extra:
+      out.update({f'{k} ({key})': v for k, v in extra['test'].items()
+                  if isinstance(v, (int, float))})
+  return out
+
+
+def objective_of(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return json.load(f)['objective']
+
+
+def summarize(cells):
+  """[(cell, n seeds, {metric: (mean, std)})]."""
+  rows = []
+  for cell, runs in cells.items():
+    values = [scalars(r) for _, r in runs]
+    names = sorted(set.intersection(*[set(v) for v in values]))
+    stats = {n: (float(np.mean([v[n] for v in values])),
+                 float(np.std([v[n] for v in values], ddof=1)) if len(values) > 1 else 0.0)
+             for n in names}
+    rows.append((cell, len(runs), stats))
+  return rows
+
+
+def write(out, keys=None):
+  """Write results.md, results.csv and the plots for the runs under `out`; returns the table."""
+  cells = collect(out)
+  if not cells:
+    raise SystemExit(f'no finished run (run.json) under {out}')
+  rows = summarize(cells)
+  metrics = sorted({m for _, _, stats in rows for m in stats if m != 'supervised_tokens'})
+  lines = ['| cell | seeds | ' + ' | '.join(metrics) + ' |', '|---|---|' + '---|' * len(metrics)]
+  for cell, n, stats in rows:
+    cols = [f'{stats[m][0]:.4f} ± {stats[m][1]:.4f}' if m in stats else '' for m in metrics]
+    lines.append(f'| {cell} | {n} | ' + ' | '.join(cols) + ' |')
+  table = '\n'.join(lines) + '\n'
+  with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write(table)
+  with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['cell', 'seeds'] + [f'{m} {s}' for m in metrics for s in ('mean', 'std')])
+    for cell, n, stats in rows:
+      w.writerow([cell, n] + [x for m in metrics for x in (stats.get(m) or ('', ''))])
+  plot(out, cells, rows, keys or [])
+  return table
+
+
+def plot(out, cells, rows, keys):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for cell, runs in cells.items():
+    curves = []
+    for workdir, _ in runs:
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+      curves.append({l['step']: l['loss'] for l in lines if l['split'] == 'train'})
+    steps = sorted(set.intersection(*[set(c) for c in curves]))
+    y = np.array([[c[s] for s in steps] for c in curves])
+    ax.plot(steps, y.mean(0), label=cell)
+    ax.fill_between(steps, y.min(0), y.max(0), alpha=0.25)
+  ax.set(xlabel='step', ylabel='train loss', yscale='log', title='learning curves (seeds shaded)')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, 'learning_curves.png'), dpi=120)
+  plt.close(fig)
+  for key in keys:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cell, n, stats in rows:
+      workdir, record = cells[cell][0]
+      metric = MAIN_METRIC[objective_of(workdir)]
+      value = str(record['overrides'].get(key, ''))
+      mean, std = stats[metric]
+      ax.errorbar([value or '(default)'], [mean], yerr=[std], fmt='o', capsize=4,
+                  label=f'{cell}: {metric}')
+    ax.set(xlabel=key, ylabel='final test metric', title=f'final metric vs {key}')
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f'final_vs_{key.replace("/", "_")}.png'), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+  keys = next((a.split('=', 1)[1].split(',') for a in sys.argv[2:] if a.startswith('--keys=')), [])
+  print(write(sys.argv[1], keys))

@@ -1,0 +1,82 @@
+"""The ablation runner and report: grid expansion, skipping finished runs, aggregation, one real
+tiny sweep."""
+import csv
+import json
+import os
+
+import pytest
+
+from conftest import SMALL, small_config
+from experiments import ablate, report
+
+
+def test_grid_expansion_and_commands():
+  runs = ablate.expand([('optim.lr', ['1e-3', '3e-4']), ('train.init_from', ['', 'pre/s_{seed}'])], 2)
+  assert len(runs) == 8 and [s for _, _, s in runs[:2]] == [0, 1]
+  assert runs[0][0] == 'optim.lr=1e-3,train.init_from=' and runs[2][0] == \
+      'optim.lr=1e-3,train.init_from=pre|s_{seed}'
+  cmd = ablate.command('configs/demo.py', runs[3][1], 1, ['train.steps=5'], 'w')
+  assert cmd[2:] == ['jaxft.train', '--config=configs/demo.py', '--workdir=w',
+                     '--config.train.steps=5', '--config.optim.lr=1e-3',
+                     '--config.train.init_from=pre/s_1', '--config.seed=1']
+  assert '--config.train.init_from=' not in ' '.join(ablate.command('c', runs[0][1], 0, [], 'w'))
+  assert ablate.expand([], 3) == [('base', {}, 0), ('base', {}, 1), ('base', {}, 2)]
+  with pytest.raises(SystemExit, match='expected key=value1,value2'):
+    ablate.parse_sweep('optim.lr')
+
+
+def fake_run(out, cell, seed, accuracy, losses):
+  """A finished run directory as the runner leaves it."""
+  wd = os.path.join(out, cell, f'seed_{seed}')
+  os.makedirs(wd)
+  json.dump(small_config(objective='classification').to_dict(), open(f'{wd}/config.json', 'w'))
+  with open(f'{wd}/metrics.jsonl', 'w') as f:
+    for step, loss in enumerate(losses, 1):
+      f.write(json.dumps({'step': step, 'split': 'train', 'loss': loss}) + '\n')
+  final = {'loss': 1 - accuracy, 'accuracy': accuracy, 'confusion': [[1]]}
+  json.dump({'cell': cell, 'overrides': {'train.trainable': cell, 'seed': seed},
+             'final': {'val': final, 'test': final}, 'as_None': None}, open(f'{wd}/run.json', 'w'))
+  json.dump({'val': final, 'test': final}, open(f'{wd}/summary.json', 'w'))
+  return wd
+
+
+def test_report_aggregates_seeds_into_tables_and_plots(tmp_path):
+  out = str(tmp_path)
+  for seed, acc in enumerate([0.8, 0.9, 1.0]):
+    fake_run(out, 'head', seed, acc, [2.0, 1.0, 0.5])
+  fake_run(out, 'all', 0, 0.5, [2.0, 1.5])
+  table = report.write(out, ['train.trainable'])
+  assert '| head | 3 | 0.9000 ± 0.1000 | 0.1000 ± 0.1000 |' in table  # accuracy, loss (ddof 1).
+  assert '| all | 1 | 0.5000 ± 0.0000 |' in table
+  assert open(tmp_path / 'results.md').read() == table
+  rows = list(csv.DictReader(open(tmp_path / 'results.csv')))
+  assert {r['cell']: float(r['accuracy mean']) for r in rows} == {'all': 0.5, 'head': pytest.approx(0.9)}
+  for png in ('learning_curves.png', 'final_vs_train.trainable.png'):
+    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_finished_runs_are_skipped(tmp_path, monkeypatch):
+  wd = fake_run(str(tmp_path), 'cell', 0, 0.5, [1.0])
+  os.remove(os.path.join(wd, 'run.json'))
+  monkeypatch.setattr(ablate.subprocess, 'run', lambda *a, **k: pytest.fail('ran again'))
+  monkeypatch.setattr(ablate, 'git_commit', lambda: 'abc')
+  assert ablate.run_one('configs/demo.py', 'cell', {}, 0, [], str(tmp_path), None) == wd
+  record = json.load(open(os.path.join(wd, 'run.json')))
+  assert record['git_commit'] == 'abc' and len(record['data_fingerprint']) == 16
+
+
+def test_tiny_real_sweep_end_to_end(tmp_path, capsys):
+  out = str(tmp_path / 'sweep')
+  sets = [f'{k}={v}' for k, v in {**SMALL, 'train.steps': '3', 'train.eval_every': '3'}.items()]
+  argv = ['--config=configs/demo.py:classification', '--sweep', 'train.trainable=all,head',
+          '--seeds', '1', '--out', out] + [a for s in sets for a in ('--set', s)]
+  ablate.main(argv)
+  records = [json.load(open(f'{out}/{c}/seed_0/run.json'))
+             for c in ('train.trainable=all', 'train.trainable=head')]
+  assert records[0]['data_fingerprint'] == records[1]['data_fingerprint']
+  assert records[0]['git_commit'] == records[1]['git_commit'] is not None
+  assert 0 <= records[1]['final']['test']['accuracy'] <= 1
+  assert 'accuracy' in open(f'{out}/results.md').read()
+  log = os.path.getsize(f'{out}/train.trainable=all/seed_0/train.log')
+  ablate.main(argv)  # Everything finished: nothing reruns.
+  assert os.path.getsize(f'{out}/train.trainable=all/seed_0/train.log') == log
