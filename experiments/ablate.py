@@ -75,9 +75,12 @@ def run_one(config, name, cell, seed, sets, out, eval_as):
   workdir = os.path.join(out, name, f'seed_{seed}')
   if not os.path.isfile(os.path.join(workdir, 'summary.json')):
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'train.log'), 'a') as log:
-      subprocess.run(command(config, cell, seed, sets, workdir), cwd=ROOT, stdout=log,
-                     stderr=subprocess.STDOUT, check=True)
+    log_path = os.path.join(workdir, 'train.log')
+    with open(log_path, 'a') as log:
+      done = subprocess.run(command(config, cell, seed, sets, workdir), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    if done.returncode:
+      raise RuntimeError(f'{workdir}: training failed (exit {done.returncode}), see {log_path}')
   if os.path.isfile(os.path.join(workdir, 'run.json')):
     return workdir
   extra = {}

@@ -181,6 +181,27 @@ def trainable_fn(cfg, objective):
     raise config_lib.ConfigError(f'train.trainable={cfg.train.trainable!r} is not a regex: {e}')
 
 
+def init_params(source, model_cfg, params, shardings, workdir):
+  """Params from `source` (a jaxft workdir / step dir, or hf:<dir or hub id>) for fine-tuning:
+  shared params loaded, a head the source lacks fresh from `params`. Logs what was loaded and
+  lists it in <workdir>/init_from.json."""
+  new_ok = lambda path: path == model_lib.HEAD
+  if source.startswith('hf:'):
+    from jaxft import convert  # Needs the `hf` extra (safetensors).
+    params, report = convert.load_params(convert.local_dir(source[3:]), model_cfg, params,
+                                         shardings, new_ok)
+  else:
+    params, report = checkpoint.restore_params(source, params, shardings, new_ok)
+  log(f'init_from {report["source"]} (fresh optimizer): loaded {len(report["loaded"])} '
+      f'params (listed in init_from.json); new (freshly initialised): '
+      f'{", ".join(report["new"]) or "none"}; not used: {", ".join(report["ignored"]) or "none"}')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
+      json.dump(report, f, indent=1)
+  return params
+
+
 def run(cfg, workdir):
   """Train per `cfg` in `workdir` (resuming if it holds a checkpoint). Returns the final state."""
   mesh = sharding.make_mesh(cfg.mesh)
@@ -222,22 +243,8 @@ def run(cfg, workdir):
   else:
     state = init_fn()
     if T.init_from:
-      new_ok = lambda path: path == model_lib.HEAD  # A head the source lacks starts fresh.
-      if T.init_from.startswith('hf:'):
-        from jaxft import convert  # Needs the `hf` extra (safetensors).
-        state['params'], report = convert.load_params(
-            convert.local_dir(T.init_from[3:]), model_cfg, state['params'], shardings['params'],
-            new_ok)
-      else:
-        state['params'], report = checkpoint.restore_params(
-            T.init_from, state['params'], shardings['params'], new_ok)
-      log(f'init_from {report["source"]} (fresh optimizer): loaded {len(report["loaded"])} '
-          f'params (listed in init_from.json); new (freshly initialised): '
-          f'{", ".join(report["new"]) or "none"}; not used: {", ".join(report["ignored"]) or "none"}')
-      if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
-          json.dump(report, f, indent=1)
+      state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
+                                    workdir)
   step = int(state['step'])
   # Written only now that the config has proven it fits the workdir's checkpoint: a bad rerun
   # must not overwrite the record of what was trained.
