@@ -95,7 +95,9 @@ def main(argv):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--num-samples', type=int, default=1)
   args = parser.parse_args(argv)
-  cfg, tok, model_cfg, graphdef, params = evaluate.load(args.workdir, args.step)
+  cfg = checkpoint.run_config(args.workdir)[0]
+  mesh = sharding.make_mesh(cfg.mesh)
+  cfg, tok, model_cfg, graphdef, params = evaluate.load(args.workdir, args.step, mesh)
   if args.prompt is not None:
     texts = [args.prompt]
   else:
@@ -105,7 +107,6 @@ def main(argv):
   if longest + args.max_new_tokens > model_cfg.max_len:
     raise config_lib.ConfigError(f'longest prompt ({longest} tokens) + --max-new-tokens '
                                  f'{args.max_new_tokens} > model max_len {model_cfg.max_len}')
-  mesh = sharding.make_mesh(cfg.mesh)
   tokens, lengths = pad_prompts(prompts, tok.pad_id, mesh.shape['data'] * mesh.shape['fsdp'])
   generate = make_generate(graphdef, tok.eos_id, args.max_new_tokens, args.temperature,
                            args.top_k, args.top_p)
