@@ -92,10 +92,10 @@ def resolve(path):
   if os.path.isdir(os.path.join(path, 'params')):  # A step directory.
     return os.path.dirname(path), int(os.path.basename(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'init_from: no checkpoint at {path}')
+    raise FileNotFoundError(f'no jaxft checkpoint at {path}')
   steps = ocp.utils.checkpoint_steps(path)
   if not steps:
-    raise FileNotFoundError(f'init_from: {path} holds no finished checkpoint')
+    raise FileNotFoundError(f'{path} holds no finished checkpoint')
   return path, max(steps)
 
 

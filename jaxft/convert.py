@@ -398,7 +398,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  try:
-    main(sys.argv[1:])
-  except (checkpoint.CheckpointMismatch, FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  from jaxft import cli
+  cli.run(main)

@@ -120,8 +120,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from jaxft import data
-  try:
-    main(sys.argv[1:])
-  except data.DataError as e:
-    sys.exit(f'error: {e}')
+  from jaxft import cli
+  cli.run(main)

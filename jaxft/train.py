@@ -360,8 +360,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  try:
-    main(sys.argv[1:])
-  except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointMismatch,
-          FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  from jaxft import cli
+  cli.run(main)

@@ -56,3 +56,13 @@ def test_demo_overrides_only_what_differs(root):
   common = config_lib.load_file(os.path.join(root, 'configs', 'common.py'))
   demo = config_lib.load_file(os.path.join(root, 'configs', 'demo.py'))
   assert config_lib.flat_keys(common) == config_lib.flat_keys(demo)
+
+
+def test_command_line_reports_user_errors_in_one_line(root):
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, '-m', 'jaxft.train', '--config=configs/demo.py',
+                         '--config.optim.lrr=1'], cwd=root, capture_output=True, text=True)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'optim.lrr'")
+  assert 'Traceback' not in done.stderr
