@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft import checkpoint, config as config_lib, data, model as model_lib, objectives, \
-    sharding, tokenizer as tokenizer_lib
+from jaxft import checkpoint, config as config_lib, convert, data, objectives, sharding, \
+    tokenizer as tokenizer_lib
 
 
 def greedy(model, tokens_BL, prompt_len_B, num_new):
@@ -123,8 +123,7 @@ def load(workdir, step=None, mesh=None):
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
-  with sharding.activate(mesh):
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
+  graphdef, abstract = convert.abstract_model(model_cfg, mesh)
   params, _ = checkpoint.restore_params(os.path.join(directory, str(step)), abstract,
                                         sharding.state_shardings(abstract, mesh), new_ok=None)
   return cfg, tok, model_cfg, graphdef, params
