@@ -76,6 +76,7 @@ def get_config(arg=None):
   # Params whose path matches get no weight decay: biases, LayerNorms and embeddings.
   c.optim.no_decay = r'(bias|ln_\w+|wte|wpe)'
   c.optim.clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+  c.optim.skip_nonfinite = 0  # Non-finite gradients skipped (no update, counted) in a row; 0 = stop.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200  # Steps between saves (also saved at the end and on SIGTERM).

@@ -3,8 +3,10 @@
 Items are saved separately so that `init_from` can read params alone, and every restore goes into
 an abstract target carrying the *current* mesh's shardings: resuming onto another mesh is free.
 """
+import contextlib
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -22,19 +24,68 @@ def manager(workdir, ckpt_cfg):
     policies.append(pp.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
                              keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
-      enable_async_checkpointing=ckpt_cfg.async_save,
+      enable_async_checkpointing=ckpt_cfg.async_save, cleanup_tmp_directories=True,
       preservation_policy=pp.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
                                options=options)
 
 
+class StorageError(RuntimeError):
+  """The workdir cannot take what the run has to write (unwritable, full); names the path."""
+
+
+def check_storage(workdir, checkpoint_bytes):
+  """Fail before training if the workdir cannot be written or has no room for one checkpoint."""
+  directory = os.path.join(workdir, 'checkpoints')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f'.write-probe-{jax.process_index()}-{os.getpid()}')
+    with open(probe, 'wb') as f:
+      f.write(bytes(4096))
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise StorageError(f'workdir {workdir} is not writable: {e}') from None
+  free = shutil.disk_usage(directory).free
+  if free < checkpoint_bytes:
+    raise StorageError(f'workdir {workdir} has {free / 2**20:,.1f} MiB free, less than one '
+                       f'checkpoint ({checkpoint_bytes / 2**20:,.1f} MiB of params and optimizer '
+                       f'state): free space or use another --workdir')
+
+
+@contextlib.contextmanager
+def storage_errors(mngr):
+  """A failed checkpoint write (possibly from the background thread of an async save) becomes a
+  StorageError naming the unfinished step and the newest complete one, which orbax leaves intact
+  (a step is only renamed into place once fully written)."""
+  try:
+    yield
+  except Exception as e:  # Whatever the storage layer raised (OSError, tensorstore ValueError...).
+    names = os.listdir(mngr.directory) if os.path.isdir(mngr.directory) else []
+    failed = sorted(n.split('.')[0] for n in names if n.endswith('.orbax-checkpoint-tmp'))
+    done = ocp.utils.checkpoint_steps(mngr.directory) if names else []
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise StorageError(
+        f'writing checkpoint {", ".join(failed) or "?"} in {mngr.directory} failed '
+        f'({type(e).__name__}: {first}); newest complete checkpoint: '
+        f'{max(done) if done else "none"} (intact). Free space / fix the workdir, then rerun to '
+        f'resume from it') from e
+
+
 def save(mngr, state, data_state, metrics=None):
   """Save a train state (dict with params/opt_state/step/rng) and the data iterator state."""
   step = int(state['step'])
-  mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state['params']),
-      train=ocp.args.StandardSave({k: v for k, v in state.items() if k != 'params'}),
-      data=ocp.args.JsonSave(data_state)))
+  with storage_errors(mngr):  # Also reports the failure of the previous (async) save.
+    mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state['params']),
+        train=ocp.args.StandardSave({k: v for k, v in state.items() if k != 'params'}),
+        data=ocp.args.JsonSave(data_state)))
+
+
+def wait(mngr):
+  """Block until the last save is on disk, failing with a StorageError if it could not be."""
+  with storage_errors(mngr):
+    mngr.wait_until_finished()
 
 
 def _abstract(tree, shardings):
@@ -77,10 +128,17 @@ def restore(mngr, abstract_state, shardings, step=None):
   step = mngr.latest_step() if step is None else step
   check_params(os.path.join(mngr.directory, str(step), 'params'), abstract_state['params'])
   rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(abstract_state['params'], shardings['params'])),
-      train=ocp.args.StandardRestore(_abstract(rest(abstract_state), rest(shardings))),
-      data=ocp.args.JsonRestore()))
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(abstract_state['params'], shardings['params'])),
+        train=ocp.args.StandardRestore(_abstract(rest(abstract_state), rest(shardings))),
+        data=ocp.args.JsonRestore()))
+  except ValueError as e:  # The params fit (checked above): the optimizer state's layout differs.
+    raise CheckpointMismatch(
+        f'checkpoint {mngr.directory}/{step}: its optimizer state does not fit this config\'s '
+        f'optimizer (was optim.clip_norm or train.trainable changed? resume with the saved '
+        f'config.json, or start a new workdir with train.init_from): '
+        f'{str(e).strip().splitlines()[0]}') from None
   return {'params': out.params, **out.train}, out.data
 
 

@@ -4,11 +4,11 @@ import sys
 from jaxft import checkpoint, config, data
 
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointMismatch,
-               FileNotFoundError)
+               checkpoint.StorageError, FileNotFoundError)
 
 
 def run(main):
-  """main(argv) with the user errors (bad config, data, checkpoint, missing file) reported."""
+  """main(argv) with the user errors (bad config, data, checkpoint, storage, missing file) reported."""
   try:
     main(sys.argv[1:])
   except USER_ERRORS as e:

@@ -28,7 +28,10 @@ def load_file(spec):
   module_spec = importlib.util.spec_from_file_location('_jaxft_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  cfg = module.get_config(arg or None)
+  try:
+    cfg = module.get_config(arg or None)
+  except ValueError as e:  # An unknown variant and the like: name the file.
+    raise ConfigError(f'{spec}: {e}') from None
   cfg.lock()
   return cfg
 

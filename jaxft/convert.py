@@ -358,14 +358,16 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
   batch = {'tokens': tokens, 'positions': np.where(mask, np.arange(L), 0),
            'segment_ids': mask.astype(np.int32)}
   ours = np.asarray(model.logits(model.hidden(tokens, batch['positions'], batch['segment_ids'])))
+  SAFE = {'use_safetensors': True, 'trust_remote_code': False}  # Never pickle, never remote code.
   with torch.no_grad():
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **SAFE).eval()
     theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
                 attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
   diff = float(np.abs(ours[..., :V] - theirs)[mask].max())
   if model_cfg.num_labels:
     with torch.no_grad():
-      hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+      hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32,
+                                                              **SAFE).eval()
       theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
                   attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
     diff = max(diff, float(np.abs(np.asarray(objectives.class_logits(model, batch)) - theirs).max()))

@@ -18,6 +18,14 @@ class DataError(ValueError):
   """Bad input data; the message names the file, line and field."""
 
 
+def _decode(raw, path, line):
+  """UTF-8 text, or an error naming the file, line and byte offset."""
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path}:{line}: invalid UTF-8 at byte {e.start} of the line') from None
+
+
 def read_records(pattern):
   """[(record, 'file:line'), ...] from .jsonl files (a dict per line) or .txt files (one record each)."""
   files = sorted(glob.glob(pattern))
@@ -25,23 +33,29 @@ def read_records(pattern):
     raise DataError(f'no data file matches {pattern!r}')
   records = []
   for path in files:
+    start = len(records)
     if path.endswith('.jsonl'):
-      with open(path, encoding='utf-8') as f:
-        for i, line in enumerate(f, 1):
+      with open(path, 'rb') as f:
+        for i, raw in enumerate(f, 1):
+          line = _decode(raw, path, i)
           if not line.strip():
             continue
           try:
-            rec = json.loads(line)
+            rec = json.loads(line.rstrip('\r\n'))
           except json.JSONDecodeError as e:
-            raise DataError(f'{path}:{i}: malformed JSON line: {e.msg}') from None
+            raise DataError(f'{path}:{i}: malformed JSON line: {e.msg} (column {e.colno})') from None
           if not isinstance(rec, dict):
             raise DataError(f'{path}:{i}: expected a JSON object, got {type(rec).__name__}')
           records.append((rec, f'{path}:{i}'))
     elif path.endswith('.txt'):
-      with open(path, encoding='utf-8') as f:
-        records.append(({'text': f.read()}, path))
+      with open(path, 'rb') as f:
+        lines = [_decode(raw, path, i) for i, raw in enumerate(f, 1)]
+      if ''.join(lines).strip():
+        records.append(({'text': ''.join(lines)}, path))
     else:
       raise DataError(f'{path}: unsupported file type (use .jsonl or .txt)')
+    if len(records) == start:  # Most likely a failed export or the wrong file: say so.
+      raise DataError(f'{path}: empty file (no records)')
   return records
 
 

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.config import ConfigError
+
 HEAD = 'score'  # The classification head: the one param only some objectives have.
 
 # Named sizes: (num_layers, num_heads, embed_dim, max_len). Vocab comes from the tokenizer.
@@ -45,19 +47,19 @@ class GPTConfig:
 def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
   """Resolve `config.model` (preset + overrides) into a GPTConfig."""
   if model_cfg.size not in SIZES:
-    raise ValueError(f'unknown model.size {model_cfg.size!r}; known: {", ".join(SIZES)}')
+    raise ConfigError(f'unknown model.size {model_cfg.size!r}; known: {", ".join(SIZES)}')
   layers, heads, embed, max_len = SIZES[model_cfg.size]
   layers = model_cfg.num_layers or layers
   heads = model_cfg.num_heads or heads
   embed = model_cfg.embed_dim or embed
   if embed % heads:
-    raise ValueError(f'model.embed_dim={embed} is not divisible by model.num_heads={heads}')
+    raise ConfigError(f'model.embed_dim={embed} is not divisible by model.num_heads={heads}')
   vocab = model_cfg.vocab_size
   if vocab is None:
     m = model_cfg.vocab_multiple
     vocab = -(-tokenizer_vocab_size // m) * m
   if vocab < tokenizer_vocab_size:
-    raise ValueError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
+    raise ConfigError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
   return GPTConfig(vocab_size=vocab, tokenizer_vocab=tokenizer_vocab_size, num_layers=layers,
                    num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,

@@ -1,10 +1,12 @@
 """The optax chain from config: clip -> AdamW (masked weight decay) on a warm-up + decay schedule,
-applied to the trainable parameters only (frozen ones get no optimizer state at all)."""
+applied to the trainable parameters only (frozen ones get no optimizer state at all), inside
+apply_if_finite (non-finite gradients: skip the update or stop)."""
 import re
 
 import optax
 
 from jaxft import model
+from jaxft.config import ConfigError
 
 
 def schedule(optim_cfg, steps):
@@ -17,7 +19,7 @@ def schedule(optim_cfg, steps):
     return optax.join_schedules(
         [optax.linear_schedule(0.0, optim_cfg.lr, warmup), optax.constant_schedule(optim_cfg.lr)],
         [warmup])
-  raise ValueError(f"unknown optim.schedule {optim_cfg.schedule!r}; known: 'cosine', 'constant'")
+  raise ConfigError(f"unknown optim.schedule {optim_cfg.schedule!r}; known: 'cosine', 'constant'")
 
 
 def trainable_fn(spec):
@@ -45,4 +47,8 @@ def build(optim_cfg, steps, trainable=None):
     # Frozen params are routed to set_to_zero: no moments, no decay, not in the clipping norm.
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, lambda params: (
         model.map_with_path(lambda path, _: 'train' if trainable(path) else 'frozen', params)))
+  # Always wrapped, so the optimizer state has one layout whatever skip_nonfinite says: up to that
+  # many non-finite gradients in a row are dropped (no update, moments untouched); past it the
+  # update goes through and the trainer stops before anything is saved.
+  tx = optax.apply_if_finite(tx, max_consecutive_errors=optim_cfg.skip_nonfinite)
   return tx, lr

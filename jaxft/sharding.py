@@ -11,6 +11,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxft.config import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # logical axis -> mesh axis (or axes, or None = replicated).
@@ -30,14 +32,14 @@ def make_mesh(mesh_cfg, devices=None):
   devices = jax.devices() if devices is None else devices
   shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
   if shape.count(-1) > 1:
-    raise ValueError(f'at most one of mesh.data/fsdp/tensor may be -1, got {shape}')
+    raise ConfigError(f'at most one of mesh.data/fsdp/tensor may be -1, got {shape}')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f'{len(devices)} devices do not divide by mesh {shape}')
+      raise ConfigError(f'{len(devices)} devices do not divide by mesh {shape}')
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, '
+    raise ConfigError(f'mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, '
                      f'have {len(devices)}')
   # Auto axes: GSPMD propagates shardings through plain matmuls (Explicit axes would reject them).
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
@@ -64,13 +66,18 @@ def state_shardings(abstract_state, mesh):
   """
   with activate(mesh):
     shardings = nnx.get_named_sharding(abstract_state, mesh)
+  bad = []
   flat = jax.tree_util.tree_leaves_with_path(abstract_state)
   for (path, x), sh in zip(flat, jax.tree.leaves(shardings)):
     for size, axes in zip(x.shape, sh.spec):
       n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
       if size % n:
-        raise ValueError(f'{jax.tree_util.keystr(path)} has a dimension of {size}, not divisible '
-                         f'over mesh axes {axes} ({n} devices): change the mesh or the model size')
+        bad.append((jax.tree_util.keystr(path), size, axes, n))
+  if bad:  # Name a param rather than its optimizer moments.
+    name, size, axes, n = min(bad, key=lambda b: 'opt_state' in b[0])
+    raise ConfigError(f'{name} has a dimension of {size}, not divisible over mesh axes {axes} '
+                      f'({n} devices): change the mesh or the model size'
+                      + (f' ({len(bad) - 1} more arrays alike)' if len(bad) > 1 else ''))
   return shardings
 
 

@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from jaxft.config import ConfigError
+
 EOS_TOKEN = '<|endoftext|>'  # GPT-2's end of text (and start of text).
 PAD_TOKEN = '<|pad|>'
 
@@ -37,9 +39,12 @@ class HFTokenizer:
   def __init__(self, name):
     from transformers import AutoTokenizer
     self.spec = f'hf:{name}'
-    self.hf = AutoTokenizer.from_pretrained(name)
+    if name.startswith(('.', '/', '~')) and not os.path.isdir(name):
+      raise FileNotFoundError(f'tokenizer=hf:{name}: no such directory')
+    # Never run code shipped with a tokenizer (auto_map): only the tokenizers' own classes load.
+    self.hf = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     if self.hf.eos_token_id is None:
-      raise ValueError(f'tokenizer {name} has no EOS token; jaxft ends documents with one')
+      raise ConfigError(f'tokenizer {name} has no EOS token; jaxft ends documents with one')
     self.eos_id = self.hf.eos_token_id
     self.pad_id = self.eos_id if self.hf.pad_token_id is None else self.hf.pad_token_id
     self.vocab_size = len(self.hf)
@@ -56,7 +61,7 @@ def build(name):
     return ByteTokenizer()
   if name.startswith('hf:'):
     return HFTokenizer(name[3:])
-  raise ValueError(f"unknown tokenizer {name!r}; known: 'bytes', 'hf:<local dir or hub id>'")
+  raise ConfigError(f"unknown tokenizer {name!r}; known: 'bytes', 'hf:<local dir or hub id>'")
 
 
 def _fast(tokenizer_object, pad_token=None):

@@ -79,7 +79,9 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=
                  'step': state['step'] + 1, 'rng': state['rng']}
     metrics = {'loss': loss_sum_ / denom, 'grad_norm': optax.tree.norm(grads),
                'lr': lr_schedule(state['step']), 'supervised_tokens': count,
-               'tokens': jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32)}
+               'tokens': jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32),
+               # optax.apply_if_finite's count: the update was dropped iff 0 < it <= skip_nonfinite.
+               'nonfinite_in_a_row': optax.tree.get(opt_state, 'notfinite_count')}
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
@@ -105,7 +107,9 @@ class MetricsLog:
   def write(self, step, split, values):
     if not self.enabled:
       return
-    line = {'step': step, 'split': split, **values}
+    # A NaN/Inf is written as null: the file stays JSON that any reader accepts.
+    line = {'step': step, 'split': split, **{k: v if not isinstance(v, float) or np.isfinite(v)
+                                             else None for k, v in values.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(line) + '\n')
     for k, v in values.items():
@@ -230,15 +234,17 @@ def run(cfg, workdir):
     raise config_lib.ConfigError(f'train.trainable={T.trainable!r} matches no parameter; paths '
                                  f'look like {", ".join(list(sizes)[:4])}')
   log(f'model {model_cfg} with {sum(sizes.values()):,} params, {n_train:,} trainable')
+  checkpoint.check_storage(workdir, sum(x.size * x.dtype.itemsize
+                                        for x in jax.tree.leaves(abstract)))
 
   mngr = checkpoint.manager(workdir, cfg.checkpoint)
   train_iter = iter(data.train_dataset(examples['train'], T.batch_size, cfg.seed))
   # Cumulative counts travel with the data position in the checkpoint.
-  totals = {'tokens': 0.0, 'supervised_tokens': 0.0}
+  totals = {'tokens': 0.0, 'supervised_tokens': 0.0, 'skipped_steps': 0.0}
   if mngr.latest_step() is not None:
     state, data_state = checkpoint.restore(mngr, abstract, shardings)
     train_iter.set_state(data_state['iterator'])
-    totals = data_state['totals']
+    totals.update(data_state['totals'])
     log(f'resumed from {mngr.directory}/{mngr.latest_step()}')
   else:
     state = init_fn()
@@ -281,20 +287,30 @@ def run(cfg, workdir):
   def record(at_step, metrics):
     """Check and log one step's metrics (blocks until that step has run)."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-      raise FloatingPointError(f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at '
-                               f'step {at_step} (batch {at_step - 1} of the train stream); '
-                               f'stopping without saving this state')
+    finite = np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])
+    if not finite:
+      where = (f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at step {at_step} '
+               f'(batch {at_step - 1} of the train stream)')
+      in_a_row, allowed = int(m['nonfinite_in_a_row']), cfg.optim.skip_nonfinite
+      if in_a_row > allowed:  # apply_if_finite let this update through: the state is spoilt.
+        raise FloatingPointError(
+            f'{where}; stopping without saving this state' + (
+                f' ({in_a_row} in a row > optim.skip_nonfinite={allowed})' if allowed else
+                ' (optim.skip_nonfinite=N skips up to N such steps in a row)'))
+      totals['skipped_steps'] += 1
+      log(f'{where}: update skipped ({in_a_row} in a row, {int(totals["skipped_steps"])} in all)')
     if m['supervised_tokens'] == 0:
       raise data.DataError(f'train batch at step {at_step} has no supervised token')
-    for k in totals:
-      totals[k] += m[k]
-    window['tokens'] += m['tokens']
+    if finite:  # A skipped step trained on nothing.
+      totals['tokens'] += m['tokens']
+      totals['supervised_tokens'] += m['supervised_tokens']
+      window['tokens'] += m['tokens']
     if at_step % T.log_every == 0 or at_step == T.steps:
       now = time.time()
       line = {**m, 'tokens_per_s': window['tokens'] / max(now - window['time'], 1e-9),
               'total_tokens': totals['tokens'],
-              'total_supervised_tokens': totals['supervised_tokens']}
+              'total_supervised_tokens': totals['supervised_tokens'],
+              'skipped_steps': totals['skipped_steps']}
       metrics_log.write(at_step, 'train', line)
       progress.update(at_step, line)
       window.update(tokens=0.0, time=now)
@@ -334,6 +350,7 @@ def run(cfg, workdir):
       val, _ = run_eval('val', 0), run_eval('test', 0)
       if mngr.latest_step() != step:
         save({'val_loss': val['loss']})
+      checkpoint.wait(mngr)  # summary.json only once the final checkpoint is on disk.
       if jax.process_index() == 0:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
           json.dump({'objective': cfg.objective, 'steps': step, 'tokens': totals['tokens'],
@@ -343,10 +360,10 @@ def run(cfg, workdir):
                      'baselines': baselines}, f, indent=1)
   finally:
     progress.close()
-    mngr.wait_until_finished()
-    mngr.close()
     metrics_log.close()
     signal.signal(signal.SIGTERM, previous_handler)
+    checkpoint.wait(mngr)
+    mngr.close()
   return state
 
 

@@ -1,4 +1,5 @@
 """8 fake CPU devices for every test (set before jax is imported), and small-config helpers."""
+import hashlib
 import os
 import sys
 
@@ -37,6 +38,17 @@ def small_argv(workdir, **overrides):
   """Command line for `python -m jaxft.train` with the same small config."""
   return ['--config=configs/demo.py', f'--workdir={workdir}'] + \
       [f'--config.{k}={v}' for k, v in _small(overrides).items()]
+
+
+def snapshot(directory):
+  """{relative path: sha256} of every file under `directory`: to show nothing was changed."""
+  out = {}
+  for base, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(base, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
 
 
 @pytest.fixture

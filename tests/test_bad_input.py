@@ -1,0 +1,161 @@
+"""The bad-input catalogue: each case runs `python -m jaxft.train` (through jaxft.cli, in process)
+against a copy of a finished run's workdir and must end in an `error: ...` message, not a
+traceback, that names the culprit (key, value, file:line, field, parameter, path), with every
+file of the workdir intact."""
+import json
+import os
+import re
+import shutil
+import sys
+
+import pytest
+
+from conftest import small_argv, snapshot
+from jaxft import cli, train
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('good') / 'run')
+  train.main(small_argv(wd, train__steps=2, checkpoint__every=2))
+  return wd
+
+
+def jsonl(path, *lines):
+  """A data file from raw lines (bytes or str) and returns its path."""
+  with open(path, 'wb') as f:
+    for line in lines:
+      f.write((line if isinstance(line, bytes) else line.encode()) + b'\n')
+  return str(path)
+
+
+def files(tmp, train_file, **more):
+  """Overrides that train on `train_file` (val/test carved from it)."""
+  return {'data__source': 'files', 'data__train': train_file, 'data__val_fraction': 0.2,
+          'data__test_fraction': 0.2, **more}
+
+
+def classification_rows(tmp, bad_line):
+  rows = [json.dumps({'text': f'{i}+{i}=', 'label': i % 3}) for i in range(40)]
+  return jsonl(tmp / 'cls.jsonl', *rows[:3], bad_line, *rows[3:])
+
+
+def hf_model(tmp, **overrides):
+  from test_convert import hf_dir  # torch + transformers: only the cases that need them.
+  return hf_dir(tmp / 'hf', **overrides)
+
+
+# name -> (overrides or fn(tmp) -> overrides, fresh workdir?, expected text (a regex)).
+CASES = {
+    'unknown config key': (
+        {'train__stepz': 3}, False, r"unknown config key 'train\.stepz'.*did you mean.*train\.steps"),
+    'wrong value type': (
+        {'train__steps': 'many'}, False, r"bad value for config key 'train\.steps': 'many' "
+        r"\(expected int\)"),
+    'unknown config variant': (
+        None, False, r"configs/demo\.py:nope: configs/demo\.py has no variant 'nope'"),
+    'heads do not divide embed': (
+        {'model__num_heads': 5}, False,
+        r'model\.embed_dim=32 is not divisible by model\.num_heads=5'),
+    'tensor parallelism does not divide heads': (
+        {'mesh__data': 1, 'mesh__tensor': 8}, False,
+        r"^error: \['params'\]\['h'\]\[0\]\['attn'\]\['c_attn_bias'\]\.value has a dimension of 4, "
+        r"not divisible over mesh axes tensor \(8 devices\)"),
+    'batch not divisible by data x fsdp': (
+        {'train__batch_size': 12}, False, r'train\.batch_size=12 must divide into '
+        r'train\.grad_accum=1 micro-batches over mesh\.data x mesh\.fsdp = 8 devices'),
+    'mesh larger than the devices': (
+        {'mesh__data': 3}, False, r"mesh \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices, "
+        r'have 8'),
+    'seq_len above the model positions': (
+        {'data__seq_len': 100}, False, r'data\.seq_len=100 > model max_len=64'),
+    'unknown objective': (
+        {'objective': 'regression'}, False,
+        r"unknown objective 'regression'; known: next_token, labeled_pair, classification"),
+    'missing data file': (
+        lambda tmp: files(tmp, str(tmp / 'nope.jsonl')), False,
+        r"no data file matches '.*/nope\.jsonl'"),
+    'empty data file': (
+        lambda tmp: files(tmp, jsonl(tmp / 'empty.jsonl')), False,
+        r'/empty\.jsonl: empty file \(no records\)'),
+    'malformed JSONL line': (
+        lambda tmp: files(tmp, jsonl(tmp / 'bad.jsonl', '{"text": "ok"}', '{"text": "cut')), False,
+        r'/bad\.jsonl:2: malformed JSON line: Unterminated string starting at \(column 10\)'),
+    'missing field': (
+        lambda tmp: files(tmp, jsonl(tmp / 'body.jsonl', *['{"text": "a b c"}'] * 3,
+                                     '{"body": "x"}')), False,
+        r"/body\.jsonl:4: missing field 'text' \(has: body\)"),
+    'invalid UTF-8': (
+        lambda tmp: files(tmp, jsonl(tmp / 'latin1.jsonl', '{"text": "fine"}',
+                                     b'{"text": "caf\xe9"}')), False,
+        r'/latin1\.jsonl:2: invalid UTF-8 at byte 13 of the line'),
+    'label out of range': (
+        lambda tmp: files(tmp, classification_rows(tmp, '{"text": "1+1=", "label": 7}'),
+                          objective='classification', data__seq_len=16), False,
+        r"/cls\.jsonl:4: field 'label' = 7 is not a label \(an int in \[0, 3\) or one of "
+        r"\['low', 'mid', 'high'\]\)"),
+    'label of the wrong type': (
+        lambda tmp: files(tmp, classification_rows(tmp, '{"text": "1+1=", "label": 1.0}'),
+                          objective='classification', data__seq_len=16), False,
+        r"/cls\.jsonl:4: field 'label' = 1\.0 is not a label"),
+    'empty text': (
+        lambda tmp: files(tmp, classification_rows(tmp, '{"text": "", "label": 1}'),
+                          objective='classification', data__seq_len=16), False,
+        r"/cls\.jsonl:4: field 'text' is empty"),
+    'empty loss mask (completion truncated away)': (
+        lambda tmp: files(tmp, jsonl(tmp / 'pairs.jsonl', *[json.dumps(
+            {'prompt': 'x' * (60 if i == 2 else 5), 'completion': 'yes'}) for i in range(30)]),
+            objective='labeled_pair', data__truncation_side='right'), False,
+        r"/pairs\.jsonl:3: .*no .*supervised|/pairs\.jsonl:3: .*carries no loss"),
+    'resume with another architecture': (
+        {'model__embed_dim': 64}, False, r'checkpoint .*/checkpoints/2/params does not match the '
+        r'model config \(28 differences\):\n  h/0/attn/c_attn_bias: checkpoint \(3, 4, 8\) vs model '
+        r'\(3, 4, 16\).*\.\.\. and 8 more'),
+    'resume with another optimizer': (
+        {'optim__clip_norm': 0.0}, False, r'checkpoint .*/checkpoints/2: its optimizer state does '
+        r'not fit this config\'s optimizer \(was optim\.clip_norm or train\.trainable changed'),
+    'init_from a missing checkpoint': (
+        lambda tmp: {'train__init_from': str(tmp / 'nowhere')}, True,
+        r'no jaxft checkpoint at .*/nowhere'),
+    'init_from an HF dir without weights': (
+        lambda tmp: {'train__init_from': 'hf:' + config_only(hf_model(tmp))}, True,
+        r'/hf: no model\.safetensors\(\.index\.json\) \(has: config\.json, .*\); jaxft reads '
+        r'safetensors only'),
+    'init_from an HF model of another vocab': (
+        lambda tmp: {'train__init_from': 'hf:' + hf_model(tmp, vocab_size=300)}, True,
+        r'tokenizer_vocab: run 258 vs checkpoint 300'),
+    'tokenizer directory missing': (
+        lambda tmp: {'tokenizer': f'hf:{tmp}/no_tokenizer'}, False,
+        r'tokenizer=hf:.*/no_tokenizer: no such directory'),
+}
+
+
+def config_only(hf):
+  """Leave an HF model dir with its config.json and tokenizer but no weights."""
+  for f in os.listdir(hf):
+    if f.endswith('.safetensors'):
+      os.remove(os.path.join(hf, f))
+  return hf
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_bad_input_is_named_and_the_workdir_kept(name, finished_run, tmp_path, monkeypatch):
+  overrides, fresh, expected = CASES[name]
+  wd = str(tmp_path / 'run')
+  if not fresh:
+    shutil.copytree(finished_run, wd)
+  before = snapshot(wd) if not fresh else {}
+  overrides = overrides(tmp_path) if callable(overrides) else overrides
+  argv = small_argv(wd, **(overrides or {}))
+  if overrides is None:
+    argv[0] = '--config=configs/demo.py:nope'
+  monkeypatch.setattr(sys, 'argv', ['jaxft.train', *argv])
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(train.main)
+  message = str(exit_info.value.code)
+  assert message.startswith('error: ') and len(message.strip().splitlines()) <= 25, message
+  assert re.search(expected, message, re.S), message
+  if fresh:
+    assert not os.path.exists(os.path.join(wd, 'config.json'))
+  else:
+    assert snapshot(wd) == before

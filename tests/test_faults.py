@@ -1,0 +1,172 @@
+"""Fault injection on the small demo config: kills, signals, storage failures and NaN batches.
+Each test is one row of the README's "What survives a fault" table."""
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import SMALL, small_argv, snapshot
+from experiments import kill_resume
+from jaxft import checkpoint, cli, data, train
+
+
+def ckpt_steps(workdir):
+  return ocp.utils.checkpoint_steps(os.path.join(workdir, 'checkpoints'))
+
+
+params = kill_resume.read_params
+
+
+def assert_same(a, b):
+  assert a.keys() == b.keys() and len(a) > 10
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def cli_error(argv, monkeypatch):
+  """The one-line message `python -m jaxft.train argv` exits with."""
+  monkeypatch.setattr(sys, 'argv', ['jaxft.train', *argv])
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(train.main)
+  message = str(exit_info.value.code)
+  assert message.startswith('error: ') and '\n' not in message.strip(), message
+  return message
+
+
+def test_sigkill_at_random_steps_and_during_saves_resumes_bitwise(tmp_path):
+  """5 SIGKILLs (the study script runs 20+): at random steps and in the middle of async checkpoint
+  writes; each resume takes the newest complete checkpoint, the end equals an uninterrupted run."""
+  sets = [f'{k}={v}' for k, v in SMALL.items()] + [
+      'train.steps=40', 'checkpoint.every=4', 'train.eval_every=1000']
+  report = kill_resume.run(5, str(tmp_path / 'kr'), sets=sets, seed=1)
+  assert report['identical'] and report['params_compared'] == 28 and report['losses_identical']
+  kills = report['kills']
+  assert [k['kind'] for k in kills] == ['step', 'save', 'step', 'save', 'step']
+  # A mid-save kill leaves the unfinished step's tmp dir; the resume ignores it and cleans it up.
+  assert report['mid_save_kills'] >= 1
+  for k in kills:
+    assert all(t > k['newest_complete'] for t in k['unfinished_tmp'])
+  assert not [n for n in os.listdir(tmp_path / 'kr' / 'killed' / 'checkpoints') if 'tmp' in n]
+
+
+def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, root):
+  wd = str(tmp_path / 'term')
+  cmd = [sys.executable, '-m', 'jaxft.train']
+  proc = subprocess.Popen([*cmd, *small_argv(wd, train__steps=100000, checkpoint__every=1000)],
+                          cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  path = os.path.join(wd, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while not (os.path.exists(path) and len(open(path).readlines()) >= 3):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  [step] = ckpt_steps(wd)
+  assert 3 <= step < 1000 and f'SIGTERM: saved step {step}, exiting' in out
+  rerun = subprocess.run([*cmd, *small_argv(wd, train__steps=step + 2)], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert f'resumed from {wd}/checkpoints/{step}' in rerun.stdout
+  assert max(ckpt_steps(wd)) == step + 2
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path, monkeypatch):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  message = cli_error(small_argv(str(blocker / 'run')), monkeypatch)
+  assert f'workdir {blocker}/run is not writable' in message
+  assert blocker.read_text() == 'not a directory'
+
+
+def test_full_disk_fails_before_training_and_keeps_the_workdir(tmp_path, monkeypatch):
+  wd = str(tmp_path / 'run')
+  train.main(small_argv(wd, train__steps=2))
+  before = snapshot(wd)
+  monkeypatch.setattr(shutil, 'disk_usage', lambda _: types.SimpleNamespace(free=100_000))
+  message = cli_error(small_argv(wd, train__steps=4), monkeypatch)
+  assert re.search(rf'workdir {wd} has 0.1 MiB free, less than one checkpoint \(0.\d MiB of '
+                   r'params and optimizer state\)', message), message
+  assert snapshot(wd) == before
+
+
+def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, root):
+  """A write that fails mid-checkpoint (a file size limit makes the disk 'full' for big files):
+  one clear error naming the step, the previous checkpoint intact, and the rerun resumes it."""
+  wd = str(tmp_path / 'run')
+  opts = dict(checkpoint__every=4, checkpoint__keep=1, train__eval_every=1000)
+  train.main(small_argv(wd, train__steps=4, **opts))
+  good = params(wd, 4)
+
+  def full_disk():  # In the child: writes past 48 KB fail with EFBIG instead of killing it.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000))
+  cmd = [sys.executable, '-m', 'jaxft.train', *small_argv(wd, train__steps=8, **opts)]
+  failed = subprocess.run(cmd, cwd=root, capture_output=True, text=True, preexec_fn=full_disk,
+                          timeout=300)
+  assert failed.returncode == 1
+  # orbax's writer threads log their own tracebacks around the message: find it among them.
+  message = re.search(r'error: writing checkpoint .*', failed.stderr).group(0)
+  assert message.startswith(f'error: writing checkpoint 8 in {wd}/checkpoints failed (') and \
+      'File too large' in message and message.endswith(
+          'newest complete checkpoint: 4 (intact). Free space / fix the workdir, then rerun to '
+          'resume from it'), message
+  summary = os.path.join(wd, 'summary.json')  # The first run's: the failed one never finished.
+  assert ckpt_steps(wd) == [4] and json.load(open(summary))['steps'] == 4
+  assert_same(good, params(wd, 4))
+  rerun = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert f'resumed from {wd}/checkpoints/4' in rerun.stdout and ckpt_steps(wd) == [8]
+  assert json.load(open(summary))['steps'] == 8
+
+
+def poison(monkeypatch, *batch_indices):
+  """Make the train stream's batches at these indices carry NaN in their loss mask."""
+  real = data.train_dataset
+
+  def poisoned(examples, batch_size, seed):
+    return real(examples, batch_size, seed).map_with_index(
+        lambda i, b: {**b, 'loss_mask': b['loss_mask'] * np.nan} if i in batch_indices else b)
+  monkeypatch.setattr(data, 'train_dataset', poisoned)
+
+
+def test_nan_batch_stops_naming_step_and_batch_before_any_save(tmp_path, monkeypatch):
+  wd = str(tmp_path / 'nan')
+  poison(monkeypatch, 5)  # Batch 5 feeds step 6.
+  with pytest.raises(FloatingPointError, match=r'non-finite loss nan / grad_norm nan at step 6 '
+                     r'\(batch 5 of the train stream\); stopping without saving this state '
+                     r'\(optim.skip_nonfinite=N skips'):
+    train.main(small_argv(wd, train__steps=10, checkpoint__every=1, checkpoint__keep=20))
+  assert max(ckpt_steps(wd)) == 5
+
+
+def test_nan_batch_is_skipped_and_counted_when_allowed(tmp_path, monkeypatch, capsys):
+  wd = str(tmp_path / 'skip')
+  poison(monkeypatch, 5)
+  opts = dict(train__steps=10, checkpoint__every=1, checkpoint__keep=20,
+              checkpoint__keep_best=False, optim__skip_nonfinite=1)
+  train.main(small_argv(wd, **opts))
+  assert 'at step 6 (batch 5 of the train stream): update skipped (1 in a row, 1 in all)' in \
+      capsys.readouterr().out
+  assert_same(params(wd, 5), params(wd, 6))  # The skipped step changed nothing ...
+  assert not np.array_equal(params(wd, 6)['wte/value'], params(wd, 7)['wte/value'])  # ... later ones do.
+  lines = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
+  trains = {l['step']: l for l in lines if l['split'] == 'train'}
+  assert trains[6]['loss'] is None and trains[5]['skipped_steps'] == 0
+  assert trains[10]['skipped_steps'] == 1 and np.isfinite(trains[10]['loss'])
+  # Two bad batches in a row with only one allowed: the second stops the run before its save.
+  wd2 = str(tmp_path / 'two')
+  poison(monkeypatch, 5, 6)
+  with pytest.raises(FloatingPointError, match=r'at step 7 .*\(2 in a row > optim.skip_nonfinite=1\)'):
+    train.main(small_argv(wd2, **opts))
+  assert max(ckpt_steps(wd2)) == 6
