@@ -47,10 +47,6 @@ class Run:
     steps = [int(m.group(1)) for l in list(self.lines) if (m := re.match(r'step (\d+)/', l))]
     return max(steps, default=0)
 
-  def started(self):
-    """True once training began (after the checkpoint manager cleaned up stale tmp dirs)."""
-    return self.last_step() > 0
-
   def finish(self, timeout=900):
     self.proc.wait(timeout=timeout)
     self.reader.join()
@@ -67,8 +63,8 @@ def checkpoints(workdir):
 
 
 def kill_once(config, sets, workdir, kind, target, timeout=600):
-  """Start a run and SIGKILL it at `target` ('step': once step >= target is printed; 'save': as
-  soon as a checkpoint tmp dir appears). Returns a record of what was on disk afterwards."""
+  """Start a run and SIGKILL it once step >= target is printed ('step'), or at the first
+  checkpoint write under way from then on ('save'). Returns what was on disk afterwards."""
   before, _ = checkpoints(workdir)
   run = Run(config, sets, workdir)
   deadline = time.time() + timeout
@@ -80,12 +76,10 @@ def kill_once(config, sets, workdir, kind, target, timeout=600):
     if time.time() > deadline:
       run.proc.kill()
       raise TimeoutError(f'no {kind} kill point reached within {timeout}s')
-    if kind == 'step' and run.last_step() >= target:
+    reached = run.last_step() >= target  # Also means the manager has cleaned up stale tmp dirs.
+    if reached and (kind == 'step' or any(n.endswith(TMP) for n in os.listdir(ckpt_dir))):
       break
-    # Tight polling: a small model's checkpoint is on disk as a tmp dir for only milliseconds.
-    if kind == 'save' and run.started() and any(n.endswith(TMP) for n in os.listdir(ckpt_dir)):
-      break
-    time.sleep(0.0005 if kind == 'save' else 0.01)
+    time.sleep(0.0005 if reached else 0.01)  # A small model's write is under way for milliseconds.
   run.proc.send_signal(signal.SIGKILL)
   run.finish()
   done, tmp = checkpoints(workdir)
@@ -114,13 +108,15 @@ def run(kills, out, config='configs/demo.py', sets=(), seed=0):
   shutil.rmtree(out, ignore_errors=True)
   ref_dir, killed_dir = os.path.join(out, 'uninterrupted'), os.path.join(out, 'killed')
   reference = Run(config, sets, ref_dir)  # Runs alongside the kills.
-  rng = np.random.default_rng(seed)
+  if kills >= steps:
+    raise ValueError(f'{kills} kills need more than {steps} train.steps')
+  # Kill points spread over the whole run, in order; each is reached again after the resume.
+  targets = np.sort(np.random.default_rng(seed).choice(np.arange(1, steps), kills, replace=False))
   records = []
-  for i in range(kills):
+  for i, target in enumerate(targets):
     kind = ('step', 'save')[i % 2]
-    start = max(checkpoints(killed_dir)[0], default=0)
-    target = int(rng.integers(start + 1, steps)) if kind == 'step' else None
-    records.append(kill_once(config, sets, killed_dir, kind, target))
+    records.append({'target': int(target),
+                    **kill_once(config, sets, killed_dir, kind, int(target))})
     print(f'kill {i + 1}/{kills}: {records[-1]}', flush=True)
   final = Run(config, sets, killed_dir)
   code, text = final.finish()
