@@ -3,8 +3,9 @@
     python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
     python -m jaxft.bench --config=configs/demo.py --decode [--batch=1 --prompt-len=64 --new=64]
 
-Random text, encoded by the run's objective into full rows, stands in for data (the input pipeline
-is not what is measured). Prints one JSON line.
+The train step runs on random text encoded by the run's objective into full rows; the input
+pipeline (`input`: reading, tokenizing + packing, Grain batches) is measured apart on the
+config's own data, with its speed relative to training's (`input_vs_train`). Prints one JSON line.
 """
 import json
 import resource
@@ -15,8 +16,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxft import config as config_lib, evaluate, generate, model as model_lib, objectives, optim, \
-    sharding, tokenizer as tokenizer_lib, train
+from jaxft import config as config_lib, data, evaluate, generate, model as model_lib, objectives, \
+    optim, sharding, tokenizer as tokenizer_lib, train
 
 
 def step_flops(model_cfg, batch, seq_len):
@@ -73,6 +74,30 @@ def bench(cfg, steps):
   }
 
 
+def bench_input(cfg, batches=200):
+  """The trainer's input path on the config's own data: records read (or generated), tokenized
+  and packed by the objective (once per run), then the Grain iterator's batches (every step)."""
+  tok = tokenizer_lib.build(cfg.tokenizer)
+  t0 = time.perf_counter()
+  records = data.load_splits(cfg.data, cfg.seed)['train']
+  t1 = time.perf_counter()
+  examples = objectives.get(cfg.objective).encode(records, tok, cfg.data)
+  t2 = time.perf_counter()
+  it = iter(data.train_dataset(examples, cfg.train.batch_size, cfg.seed))
+  next(it)  # The first batch pays for building the pipeline.
+  t3 = time.perf_counter()
+  real = 0
+  for _ in range(batches):
+    real += int((next(it)['segment_ids'] > 0).sum())
+  t4 = time.perf_counter()
+  tokens = int((examples['segment_ids'] > 0).sum())
+  return {'records': len(records), 'read_s': round(t1 - t0, 3), 'encode_s': round(t2 - t1, 3),
+          'encode_records_per_s': round(len(records) / (t2 - t0), 1),
+          'encode_tokens_per_s': round(tokens / (t2 - t0), 1),
+          'batches_per_s': round(batches / (t4 - t3), 1),
+          'batch_tokens_per_s': round(real / (t4 - t3), 1)}
+
+
 def timed(fn, *args):
   """(seconds of the first call, incl. compilation; seconds of the second call)."""
   times = []
@@ -124,7 +149,14 @@ def main(argv):
   if decode:
     print(json.dumps(bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])))
   else:
-    print(json.dumps(bench(cfg, opts['steps'])))
+    result = bench(cfg, opts['steps'])
+    result['input'] = bench_input(cfg)
+    # How many times faster than training the input path runs: per step, and if the one-off
+    # tokenization had to happen on the fly.
+    result['input_vs_train'] = {
+        k: round(result['input'][f'{k}_tokens_per_s'] / result['tokens_per_s'], 1)
+        for k in ('batch', 'encode')}
+    print(json.dumps(result))
 
 
 if __name__ == '__main__':

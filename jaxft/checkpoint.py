@@ -60,7 +60,7 @@ def storage_errors(mngr):
   (a step is only renamed into place once fully written)."""
   try:
     yield
-  except Exception as e:  # Whatever the storage layer raised (OSError, tensorstore ValueError...).
+  except (OSError, ValueError, RuntimeError) as e:  # As raised by the OS, tensorstore, orbax.
     names = os.listdir(mngr.directory) if os.path.isdir(mngr.directory) else []
     failed = sorted(n.split('.')[0] for n in names if n.endswith('.orbax-checkpoint-tmp'))
     done = ocp.utils.checkpoint_steps(mngr.directory) if names else []

@@ -4,7 +4,11 @@ A record is a dict plus where it came from ('file.jsonl:12'), so every error can
 The objective turns records into fixed-shape example arrays; Grain shuffles and batches them
 deterministically, and the iterator's position is saved with each checkpoint.
 """
+import contextlib
+import csv
 import glob
+import gzip
+import io
 import json
 
 import grain
@@ -18,43 +22,110 @@ class DataError(ValueError):
   """Bad input data; the message names the file, line and field."""
 
 
+class RecordError(DataError):
+  """One bad record (the message names its file:line): with data.on_error='skip' it is left out
+  and counted instead of stopping the run."""
+
+
+@contextlib.contextmanager
+def bad_records(on_error, skipped):
+  """Inside: a RecordError stops the run (on_error='raise') or is appended to `skipped` ('skip')."""
+  if on_error not in ('raise', 'skip'):
+    raise DataError(f"unknown data.on_error {on_error!r}; known: 'raise', 'skip'")
+  try:
+    yield
+  except RecordError as e:
+    if on_error == 'raise':
+      raise
+    skipped.append(str(e))
+
+
+class Records(list):
+  """[(record, 'file:line'), ...] plus `skipped`: the messages of bad records left out."""
+
+  def __init__(self, items=(), skipped=()):
+    super().__init__(items)
+    self.skipped = list(skipped)
+
+
 def _decode(raw, path, line):
   """UTF-8 text, or an error naming the file, line and byte offset."""
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise DataError(f'{path}:{line}: invalid UTF-8 at byte {e.start} of the line') from None
+    raise RecordError(f'{path}:{line}: invalid UTF-8 at byte {e.start} of the line') from None
 
 
-def read_records(pattern):
-  """[(record, 'file:line'), ...] from .jsonl files (a dict per line) or .txt files (one record each)."""
+def _json_line(raw, path, i):
+  """The dict on line i of a .jsonl file (None for a blank line)."""
+  line = _decode(raw, path, i)
+  if not line.strip():
+    return None
+  try:
+    rec = json.loads(line.rstrip('\r\n'))
+  except json.JSONDecodeError as e:
+    raise RecordError(f'{path}:{i}: malformed JSON line: {e.msg} (column {e.colno})') from None
+  if not isinstance(rec, dict):
+    raise RecordError(f'{path}:{i}: expected a JSON object, got {type(rec).__name__}')
+  return rec
+
+
+def _jsonl(path, on_error, skipped):
+  with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+    for i, raw in enumerate(f, 1):
+      with bad_records(on_error, skipped):
+        if (rec := _json_line(raw, path, i)) is not None:
+          yield rec, f'{path}:{i}'
+
+
+def _table(path, on_error, skipped):
+  """Rows of a .csv / .tsv file with a header line, as dicts of strings."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:  # A table is parsed whole: one bad byte stops it, named.
+    line = raw[:e.start].count(b'\n') + 1
+    raise DataError(f'{path}:{line}: invalid UTF-8 at byte {e.start} of the file') from None
+  reader = csv.DictReader(io.StringIO(text, newline=''),
+                          delimiter='\t' if path.endswith('.tsv') else ',')
+  for row in reader:
+    with bad_records(on_error, skipped):
+      if None in row or None in row.values():  # Extra cells land under None, missing ones are None.
+        cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+        raise RecordError(f'{path}:{reader.line_num}: {cells} cells, the header has '
+                          f'{len(reader.fieldnames)}')
+      yield row, f'{path}:{reader.line_num}'
+
+
+def _txt(path, on_error, skipped):
+  """The whole file as one document."""
+  text = ''
+  with bad_records(on_error, skipped), open(path, 'rb') as f:
+    text = ''.join(_decode(raw, path, i) for i, raw in enumerate(f, 1))
+  if text.strip():
+    yield {'text': text}, path
+
+
+READERS = {'.jsonl': _jsonl, '.jsonl.gz': _jsonl, '.csv': _table, '.tsv': _table, '.txt': _txt}
+
+
+def read_records(pattern, on_error='raise'):
+  """Records from the files matching `pattern`: .jsonl / .jsonl.gz (a JSON object per line),
+  .csv / .tsv (a header line, then a record per row) or .txt (one file = one {'text'} record).
+  Bad records stop the read naming file:line, or with on_error='skip' are left out and listed in
+  the result's `skipped`."""
   files = sorted(glob.glob(pattern))
   if not files:
     raise DataError(f'no data file matches {pattern!r}')
-  records = []
+  records = Records()
   for path in files:
-    start = len(records)
-    if path.endswith('.jsonl'):
-      with open(path, 'rb') as f:
-        for i, raw in enumerate(f, 1):
-          line = _decode(raw, path, i)
-          if not line.strip():
-            continue
-          try:
-            rec = json.loads(line.rstrip('\r\n'))
-          except json.JSONDecodeError as e:
-            raise DataError(f'{path}:{i}: malformed JSON line: {e.msg} (column {e.colno})') from None
-          if not isinstance(rec, dict):
-            raise DataError(f'{path}:{i}: expected a JSON object, got {type(rec).__name__}')
-          records.append((rec, f'{path}:{i}'))
-    elif path.endswith('.txt'):
-      with open(path, 'rb') as f:
-        lines = [_decode(raw, path, i) for i, raw in enumerate(f, 1)]
-      if ''.join(lines).strip():
-        records.append(({'text': ''.join(lines)}, path))
-    else:
-      raise DataError(f'{path}: unsupported file type (use .jsonl or .txt)')
-    if len(records) == start:  # Most likely a failed export or the wrong file: say so.
+    reader = next((r for ext, r in READERS.items() if path.endswith(ext)), None)
+    if reader is None:
+      raise DataError(f'{path}: unsupported file type (use {", ".join(READERS)})')
+    start, bad = len(records), len(records.skipped)
+    records += reader(path, on_error, records.skipped)
+    if len(records) == start and len(records.skipped) == bad:  # A failed export, a wrong file?
       raise DataError(f'{path}: empty file (no records)')
   return records
 
@@ -62,7 +133,7 @@ def read_records(pattern):
 def field(record, name, where):
   """record[name], or an error naming the record and the missing field."""
   if name not in record:
-    raise DataError(f'{where}: missing field {name!r} (has: {", ".join(record) or "nothing"})')
+    raise RecordError(f'{where}: missing field {name!r} (has: {", ".join(record) or "nothing"})')
   return record[name]
 
 
@@ -79,21 +150,21 @@ def _hold_out(records, fraction, seed, name):
 
 
 def load_splits(data_cfg, seed):
-  """{'train', 'val', 'test'} -> [(record, where)], from files or the demo generator."""
+  """{'train', 'val', 'test'} -> Records, from files or the demo generator."""
   if data_cfg.source == 'demo':
     parts = demo_data.splits(data_cfg.demo.num_examples, seed)
-    return {s: [(r, f'demo:{s}:{i}') for i, r in enumerate(rs)] for s, rs in parts.items()}
+    return {s: Records((r, f'demo:{s}:{i}') for i, r in enumerate(rs)) for s, rs in parts.items()}
   if data_cfg.source != 'files':
     raise DataError(f"unknown data.source {data_cfg.source!r}; known: 'files', 'demo'")
   if not data_cfg.train:
-    raise DataError('data.train is empty: give a .jsonl/.txt file or glob (or data.source=demo)')
-  splits = {'train': read_records(data_cfg.train)}
+    raise DataError('data.train is empty: give a data file or glob (or data.source=demo)')
+  splits = {'train': read_records(data_cfg.train, data_cfg.on_error)}
   for offset, name in enumerate(('val', 'test'), 1):
     if data_cfg[name]:
-      splits[name] = read_records(data_cfg[name])
+      splits[name] = read_records(data_cfg[name], data_cfg.on_error)
     else:
-      splits['train'], splits[name] = _hold_out(
-          splits['train'], data_cfg[f'{name}_fraction'], seed + offset, name)
+      rest, held = _hold_out(splits['train'], data_cfg[f'{name}_fraction'], seed + offset, name)
+      splits['train'], splits[name] = Records(rest, splits['train'].skipped), Records(held)
   return splits
 
 

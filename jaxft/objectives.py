@@ -23,18 +23,20 @@ from jaxft import data, model as model_lib
 
 
 class Encoded(dict):
-  """Example arrays by name, plus `sources`: the records ('file:line') behind each row."""
+  """Example arrays by name, plus `sources`: the records ('file:line') behind each row, the count
+  of examples `dropped` for lack of supervision and the messages of bad records `skipped`."""
 
-  def __init__(self, arrays, sources, dropped=0):
+  def __init__(self, arrays, sources, dropped=0, skipped=()):
     super().__init__(arrays)
     self.sources = sources
     self.dropped = dropped
+    self.skipped = list(skipped)
 
 
 def _text(rec, name, where):
   value = data.field(rec, name, where)
   if not isinstance(value, str):
-    raise data.DataError(f'{where}: field {name!r} must be a string, got {type(value).__name__}')
+    raise data.RecordError(f'{where}: field {name!r} must be a string, got {type(value).__name__}')
   return value
 
 
@@ -129,13 +131,14 @@ def _pack(segments, seq_len, pad_id, pack):
 
 def _encode_lm(segment_fn):
   def encode(records, tok, data_cfg):
-    dropped, segments = [], []
+    dropped, segments, skipped = [], [], []
     for rec, where in records:
-      segments += [(seg, where) for seg in segment_fn(rec, where, tok, data_cfg, dropped)]
+      with data.bad_records(data_cfg.on_error, skipped):
+        segments += [(seg, where) for seg in segment_fn(rec, where, tok, data_cfg, dropped)]
     if not segments:
       raise data.DataError(f'no example with a supervised token among {len(records)} records')
     arrays, sources = _pack(segments, data_cfg.seq_len, tok.pad_id, data_cfg.pack)
-    return Encoded(arrays, sources, len(dropped))
+    return Encoded(arrays, sources, len(dropped), skipped)
   return encode
 
 
@@ -157,8 +160,10 @@ def _label(rec, where, data_cfg):
   value = data.field(rec, data_cfg.label_field, where)
   if isinstance(value, str) and value in names:
     return names.index(value)
+  if isinstance(value, str) and value.strip().isdigit():  # CSV / TSV cells are strings.
+    value = int(value)
   if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num:
-    raise data.DataError(f'{where}: field {data_cfg.label_field!r} = {value!r} is not a label '
+    raise data.RecordError(f'{where}: field {data_cfg.label_field!r} = {value!r} is not a label '
                          f'(an int in [0, {num}) or one of {names})')
   return value
 
@@ -167,22 +172,25 @@ def encode_classification(records, tok, data_cfg):
   """One row per record: its text (truncated on data.truncation_side), padding, and its label."""
   _check_side(data_cfg)
   T = data_cfg.seq_len
-  n = len(records)
+  rows, skipped = [], []  # (ids, label, where) per usable record.
+  for rec, where in records:
+    with data.bad_records(data_cfg.on_error, skipped):
+      ids = tok.encode(_text(rec, data_cfg.text_field, where))
+      if not ids:
+        raise data.RecordError(f'{where}: field {data_cfg.text_field!r} is empty')
+      rows.append((ids[-T:] if data_cfg.truncation_side == 'left' else ids[:T],
+                   _label(rec, where, data_cfg), where))
+  n = len(rows)
   tokens = np.full((n, T), tok.pad_id, np.int32)
   seg_ids = np.zeros((n, T), np.int32)
-  label = np.zeros((n,), np.int32)
-  for i, (rec, where) in enumerate(records):
-    ids = tok.encode(_text(rec, data_cfg.text_field, where))
-    if not ids:
-      raise data.DataError(f'{where}: field {data_cfg.text_field!r} is empty')
-    ids = ids[-T:] if data_cfg.truncation_side == 'left' else ids[:T]
+  for i, (ids, _, _) in enumerate(rows):
     tokens[i, :len(ids)] = ids
     seg_ids[i, :len(ids)] = 1
-    label[i] = _label(rec, where, data_cfg)
   positions = np.where(seg_ids > 0, np.arange(T, dtype=np.int32), 0)
   return Encoded({'tokens': tokens, 'positions': positions, 'segment_ids': seg_ids,
-                  'label': label, 'loss_mask': np.ones((n,), np.float32)},
-                 [[where] for _, where in records])
+                  'label': np.array([label for _, label, _ in rows], np.int32).reshape(n),
+                  'loss_mask': np.ones((n,), np.float32)},
+                 [[where] for _, _, where in rows], skipped=skipped)
 
 
 def audit(examples, split):

@@ -158,17 +158,25 @@ def log(msg):
     print(msg, flush=True)
 
 
-def encode_splits(cfg, objective, tok):
-  """(records, audited example arrays) per split, with a log line each."""
+def encode_splits(cfg, objective, tok, workdir=None):
+  """(records, audited example arrays) per split, with a log line each. Bad records skipped
+  (data.on_error='skip') are counted there and listed in <workdir>/skipped_records.txt."""
   records = data.load_splits(cfg.data, cfg.seed)
-  examples = {}
+  examples, skipped = {}, []
   for split, recs in records.items():
     ex = examples[split] = objective.encode(recs, tok, cfg.data)
     objectives.audit(ex, split)
+    bad = recs.skipped + ex.skipped
+    skipped += [f'{split}\t{message}' for message in bad]
     log(f'{split}: {len(recs)} records -> {len(ex["tokens"])} rows, '
         f'{int((ex["segment_ids"] > 0).sum()):,} tokens, '
         f'{int(ex["loss_mask"].sum()):,} supervised ({cfg.objective})'
-        + (f', {ex.dropped} dropped without supervised tokens' if ex.dropped else ''))
+        + (f', {ex.dropped} dropped without supervised tokens' if ex.dropped else '')
+        + (f', {len(bad)} bad records skipped (first: {bad[0]})' if bad else ''))
+  if skipped and workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'skipped_records.txt'), 'w') as f:
+      f.write('\n'.join(skipped) + '\n')
   return records, examples
 
 
@@ -219,7 +227,7 @@ def run(cfg, workdir):
         f'micro-batches over mesh.data x mesh.fsdp = {batch_shards} devices')
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  records, examples = encode_splits(cfg, objective, tok)
+  records, examples = encode_splits(cfg, objective, tok, workdir)
   model_cfg = objectives.model_config(cfg, tok)
   if cfg.data.seq_len > model_cfg.max_len:
     raise config_lib.ConfigError(

@@ -35,6 +35,11 @@ def files(tmp, train_file, **more):
           'data__test_fraction': 0.2, **more}
 
 
+def write(path, text):
+  path.write_text(text)
+  return path
+
+
 def classification_rows(tmp, bad_line):
   rows = [json.dumps({'text': f'{i}+{i}=', 'label': i % 3}) for i in range(40)]
   return jsonl(tmp / 'cls.jsonl', *rows[:3], bad_line, *rows[3:])
@@ -89,6 +94,10 @@ CASES = {
         lambda tmp: files(tmp, jsonl(tmp / 'latin1.jsonl', '{"text": "fine"}',
                                      b'{"text": "caf\xe9"}')), False,
         r'/latin1\.jsonl:2: invalid UTF-8 at byte 13 of the line'),
+    'CSV row with too many cells': (
+        lambda tmp: files(tmp, str(write(tmp / 't.csv', 'text\n' + 'a b c\n' * 20 +
+                                         'one,two\n'))), False,
+        r'/t\.csv:22: 2 cells, the header has 1'),
     'label out of range': (
         lambda tmp: files(tmp, classification_rows(tmp, '{"text": "1+1=", "label": 7}'),
                           objective='classification', data__seq_len=16), False,

@@ -32,6 +32,74 @@ def test_bad_input_errors_name_file_line_and_field(tmp_path):
     data.read_records(str(tmp_path / 'missing*.jsonl'))
 
 
+def test_every_file_format_gives_the_same_records(tmp_path):
+  """.jsonl, .jsonl.gz, .csv and .tsv hold the same records (CSV cells are strings: a quoted comma
+  and a quoted line break survive, and an int label given as '2' is read as 2)."""
+  import gzip
+  rows = [{'text': 'plain', 'label': 0}, {'text': 'a, comma', 'label': 2},
+          {'text': 'two\nlines', 'label': 1}]
+  write(tmp_path / 'r.jsonl', [json.dumps(r) for r in rows])
+  with gzip.open(tmp_path / 'r.jsonl.gz', 'wt') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  (tmp_path / 'r.csv').write_text('text,label\nplain,0\n"a, comma",2\n"two\nlines",1\n')
+  (tmp_path / 'r.tsv').write_text('label\ttext\n0\tplain\n2\ta, comma\n1\t"two\nlines"\n')
+  cfg = small_config(objective='classification', data__seq_len=16)
+  tok = tokenizer.build('bytes')
+  encoded = {}
+  for ext in ('jsonl', 'jsonl.gz', 'csv', 'tsv'):
+    recs = data.read_records(str(tmp_path / f'r.{ext}'))
+    assert [r['text'] for r, _ in recs] == [r['text'] for r in rows], ext
+    encoded[ext] = objectives.get('classification').encode(recs, tok, cfg.data)
+    np.testing.assert_array_equal(encoded[ext]['label'], [0, 2, 1])
+    np.testing.assert_array_equal(encoded[ext]['tokens'], encoded['jsonl']['tokens'])
+  # Where: the line a record ends on (a CSV header is line 1; the quoted break spans 4-5).
+  assert [w for _, w in data.read_records(str(tmp_path / 'r.csv'))] == [
+      f'{tmp_path}/r.csv:{i}' for i in (2, 3, 5)]
+  assert data.read_records(str(tmp_path / 'r.jsonl.gz'))[2][1] == f'{tmp_path}/r.jsonl.gz:3'
+  (tmp_path / 'r.parquet').write_text('')
+  with pytest.raises(data.DataError, match=r'r\.parquet: unsupported file type \(use \.jsonl, '
+                     r'\.jsonl\.gz, \.csv, \.tsv, \.txt\)'):
+    data.read_records(str(tmp_path / 'r.parquet'))
+
+
+def test_on_error_skip_leaves_out_and_counts_exactly_the_bad_records(tmp_path):
+  good = [{'text': f'{i}+{i}=', 'label': i % 3} for i in range(6)]
+  lines = [json.dumps(good[0]), '{"text": "cut', json.dumps(good[1]), '[1, 2]',
+           json.dumps(good[2]), json.dumps({'body': 'x', 'label': 0}), json.dumps(good[3]),
+           json.dumps({'text': 'y', 'label': 9}), json.dumps({'text': '', 'label': 1}),
+           json.dumps(good[4]), json.dumps({'text': 3, 'label': 1}), json.dumps(good[5])]
+  path = tmp_path / 'mixed.jsonl'
+  path.write_bytes(b''.join(l.encode() + b'\n' for l in lines[:6]) + b'{"text": "\xff"}\n' +
+                   b''.join(l.encode() + b'\n' for l in lines[6:]))
+  cfg = small_config(objective='classification', data__seq_len=16)
+  with pytest.raises(data.DataError, match=rf'{path}:2: malformed JSON line'):
+    data.read_records(str(path))
+  recs = data.read_records(str(path), on_error='skip')
+  assert [m.split(': ', 1)[0] for m in recs.skipped] == [f'{path}:{i}' for i in (2, 4, 7)]
+  assert 'invalid UTF-8 at byte 10' in recs.skipped[2]
+  tok = tokenizer.build('bytes')
+  encode = objectives.get('classification').encode
+  with pytest.raises(data.DataError, match=rf"{path}:6: missing field 'text'"):
+    encode(recs, tok, cfg.data)
+  with cfg.unlocked():
+    cfg.data.on_error = 'skip'
+  ex = encode(recs, tok, cfg.data)
+  assert [m.split(': ', 1)[0] for m in ex.skipped] == [f'{path}:{i}' for i in (6, 9, 10, 12)]
+  assert "field 'label' = 9 is not a label" in ex.skipped[1]
+  clean = encode([(r, 'x') for r in good], tok, cfg.data)  # Exactly the good records remain.
+  for k in clean:
+    np.testing.assert_array_equal(ex[k], clean[k], err_msg=k)
+  with cfg.unlocked():
+    cfg.data.on_error = 'ignore'
+  with pytest.raises(data.DataError, match="unknown data.on_error 'ignore'"):
+    encode(recs, tok, cfg.data)
+  (tmp_path / 'short.csv').write_text('text,label\nok,1\ntoo,many,cells\nfew\n')
+  short = data.read_records(str(tmp_path / 'short.csv'), on_error='skip')
+  assert [r['text'] for r, _ in short] == ['ok'] and short.skipped == [
+      f'{tmp_path}/short.csv:3: 3 cells, the header has 2',
+      f'{tmp_path}/short.csv:4: 1 cells, the header has 2']
+
+
 def test_holdout_splits_are_disjoint_and_seeded(tmp_path):
   f = write(tmp_path / 'd.jsonl', [json.dumps({'text': f'doc {i}'}) for i in range(100)])
   cfg = small_config(data__source='files', data__train=f, data__val_fraction=0.1,
@@ -77,3 +145,12 @@ def test_eval_batches_pad_with_masked_rows():
   batches = list(data.eval_batches(ex, 4))
   assert len(batches) == 3 and all(b['tokens'].shape == (4, 3) for b in batches)
   assert sum(b['loss_mask'].sum() for b in batches) == 30
+
+
+def test_bench_measures_the_trainers_input_path():
+  from jaxft import bench
+  cfg = small_config()
+  result = bench.bench_input(cfg, batches=3)
+  assert result['records'] == len(data.load_splits(cfg.data, cfg.seed)['train'])
+  assert result['batches_per_s'] > 0 and result['batch_tokens_per_s'] > 0
+  assert result['encode_tokens_per_s'] > 0 and result['read_s'] >= 0

@@ -144,11 +144,19 @@ def test_resume_onto_a_different_mesh(tmp_path, capsys):
 
 def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
   src = tmp_path / 'corpus.jsonl'
-  src.write_text(''.join(json.dumps({'body': f'the {i} cat sat on the {i % 7} mat. '}) + '\n'
-                         for i in range(400)))
+  lines = [json.dumps({'body': f'the {i} cat sat on the {i % 7} mat. '}) for i in range(400)]
+  lines[10], lines[20] = '{"body": broken', json.dumps({'text': 'no body field'})
+  src.write_text(''.join(l + '\n' for l in lines))
   wd = str(tmp_path / 'files')
   train.main(small_argv(wd, data__source='files', data__train=str(src), data__text_field='body',
-                        data__val_fraction=0.1, data__test_fraction=0.1, train__steps=3))
+                        data__val_fraction=0.1, data__test_fraction=0.1, train__steps=3,
+                        data__on_error='skip'))
   out = capsys.readouterr().out
   assert 'step 3 test: loss' in out
   assert {l['split'] for l in metrics(wd)} == {'train', 'val', 'test'}
+  # The two bad lines are named, counted in the split's log line and listed in the workdir.
+  assert re.search(rf'train: 3\d\d records .* [12] bad records skipped \(first: {src}:11: '
+                   r'malformed', out), [l for l in out.splitlines() if 'records ->' in l]
+  skipped = open(os.path.join(wd, 'skipped_records.txt')).read().splitlines()
+  assert len(skipped) == 2 and skipped[0].startswith(f'train\t{src}:11: malformed JSON line')
+  assert re.match(rf"(train|val|test)\t{src}:21: missing field 'body'", skipped[1])
