@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp

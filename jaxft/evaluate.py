@@ -9,7 +9,6 @@ macro-F1 and the confusion matrix. Padding rows carry no weight, so every number
 import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp

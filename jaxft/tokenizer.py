@@ -9,7 +9,6 @@ The HF paths need the `hf` extra (transformers, tokenizers).
 """
 import argparse
 import os
-import sys
 
 from jaxft.config import ConfigError
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SMALL, small_argv, snapshot
 from experiments import kill_resume
-from jaxft import checkpoint, cli, data, train
+from jaxft import cli, data, train
 
 
 def ckpt_steps(workdir):

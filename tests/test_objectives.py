@@ -1,5 +1,4 @@
 """The three objectives as data: masks token by token, packing, truncation, audit, metrics."""
-import json
 
 import jax
 import numpy as np

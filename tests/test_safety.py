@@ -7,7 +7,6 @@ import os
 import pickle
 import re
 
-import pytest
 
 from conftest import ROOT
 from jaxft import convert, tokenizer
