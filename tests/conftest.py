@@ -51,6 +51,18 @@ def snapshot(directory):
   return out
 
 
+def cli_error(argv, monkeypatch):
+  """The `error: ...` message that `python -m jaxft.train argv` exits with (via jaxft.cli, in
+  process); fails if it ends any other way."""
+  from jaxft import cli, train
+  monkeypatch.setattr(sys, 'argv', ['jaxft.train', *argv])
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(train.main)
+  message = str(exit_info.value.code)
+  assert message.startswith('error: '), message
+  return message
+
+
 @pytest.fixture
 def root():
   return ROOT

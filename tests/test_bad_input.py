@@ -6,12 +6,11 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import pytest
 
-from conftest import small_argv, snapshot
-from jaxft import cli, train
+from conftest import cli_error, small_argv, snapshot
+from jaxft import train
 
 
 @pytest.fixture(scope='module')
@@ -158,11 +157,8 @@ def test_bad_input_is_named_and_the_workdir_kept(name, finished_run, tmp_path, m
   argv = small_argv(wd, **(overrides or {}))
   if overrides is None:
     argv[0] = '--config=configs/demo.py:nope'
-  monkeypatch.setattr(sys, 'argv', ['jaxft.train', *argv])
-  with pytest.raises(SystemExit) as exit_info:
-    cli.run(train.main)
-  message = str(exit_info.value.code)
-  assert message.startswith('error: ') and len(message.strip().splitlines()) <= 25, message
+  message = cli_error(argv, monkeypatch)
+  assert len(message.strip().splitlines()) <= 25, message  # A list of differences at most.
   assert re.search(expected, message, re.S), message
   if fresh:
     assert not os.path.exists(os.path.join(wd, 'config.json'))

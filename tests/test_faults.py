@@ -1,5 +1,5 @@
 """Fault injection on the small demo config: kills, signals, storage failures and NaN batches.
-Each test is one row of the README's "What survives a fault" table."""
+Each test is a row of the README's "Faults and bad input" table."""
 import json
 import os
 import re
@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import SMALL, small_argv, snapshot
+from conftest import SMALL, cli_error, small_argv, snapshot
 from experiments import kill_resume
-from jaxft import cli, data, train
+from jaxft import data, train
 
 
 def ckpt_steps(workdir):
@@ -30,16 +30,6 @@ def assert_same(a, b):
   assert a.keys() == b.keys() and len(a) > 10
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def cli_error(argv, monkeypatch):
-  """The one-line message `python -m jaxft.train argv` exits with."""
-  monkeypatch.setattr(sys, 'argv', ['jaxft.train', *argv])
-  with pytest.raises(SystemExit) as exit_info:
-    cli.run(train.main)
-  message = str(exit_info.value.code)
-  assert message.startswith('error: ') and '\n' not in message.strip(), message
-  return message
 
 
 def test_sigkill_at_random_steps_and_during_saves_resumes_bitwise(tmp_path):
@@ -84,7 +74,8 @@ def test_unwritable_workdir_fails_before_training(tmp_path, monkeypatch):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   message = cli_error(small_argv(str(blocker / 'run')), monkeypatch)
-  assert f'workdir {blocker}/run is not writable' in message
+  assert message.startswith(f'error: workdir {blocker}/run is not writable: ') and \
+      '\n' not in message, message
   assert blocker.read_text() == 'not a directory'
 
 
