@@ -1,19 +1,23 @@
-"""Records from files (or the demo generator) -> examples (numpy) -> Grain batches.
+"""Records from files (or the demo generator) -> checked records -> batches.
 
 A record is a dict plus where it came from ('file.jsonl:12'), so every error can name its input.
-The objective turns records into fixed-shape example arrays; Grain shuffles and batches them
-deterministically, and the iterator's position is saved with each checkpoint.
+Evaluation splits are encoded whole by the objective (objectives.Objective.encode); the train
+split is a TrainStream: an order fixed by (seed, records) alone, tokenized and packed as it is
+drawn, by each process for its own rows only, whose position is saved with each checkpoint.
 """
 import contextlib
 import csv
+import functools
 import glob
 import gzip
 import io
 import json
+import os
 
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxft import demo_data
 
@@ -149,43 +153,205 @@ def _hold_out(records, fraction, seed, name):
           [r for i, r in enumerate(records) if i in held])
 
 
+def _plain(value, where, name):
+  """A TFDS / datasets feature value as a .jsonl record would hold it (text as str)."""
+  if isinstance(value, bytes):
+    try:
+      return value.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise RecordError(f'{where}: field {name!r}: invalid UTF-8 at byte {e.start}') from None
+  if isinstance(value, np.generic):
+    return value.item()
+  return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _tfds_source(name, split, data_cfg):
+  """A TFDS split as a random-access source (array_record data; no TensorFlow needed)."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError(f'tfds:{name} needs tensorflow-datasets: pip install jaxft[tfds]') from None
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_cfg.tfds_data_dir or None)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError, KeyError) as e:
+    raise DataError(f'tfds:{name}:{split} (data.tfds_data_dir={data_cfg.tfds_data_dir!r}): '
+                    f'{type(e).__name__}: {str(e).strip().splitlines()[0]}') from None
+
+
+def _hf_source(path, split, data_cfg):
+  """A Hugging Face `datasets` split: a hub name, a local dir of data files, or a dir written by
+  save_to_disk."""
+  try:
+    import datasets
+  except ImportError:
+    raise DataError(f'hf:{path} needs the datasets package: pip install jaxft[datasets]') from None
+  try:
+    if os.path.isfile(os.path.join(path, 'dataset_dict.json')):
+      return datasets.load_from_disk(path)[split]
+    if os.path.isfile(os.path.join(path, 'state.json')):
+      return datasets.load_from_disk(path)
+    return datasets.load_dataset(path, data_cfg.hf_name or None, split=split)
+  except (OSError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
+    raise DataError(f'hf:{path}:{split}: {type(e).__name__}: '
+                    f'{str(e).strip().splitlines()[0] if str(e).strip() else "not found"}') from None
+
+
+SOURCES = {'tfds': _tfds_source, 'hf': _hf_source}
+
+
+def read_split(spec, split, data_cfg):
+  """Records of data.train / val / test: a file glob (see read_records), or a dataset split,
+  `tfds:<name>[/<config>][:<split>]` or `hf:<hub name or local dir>[:<split>]`, the split
+  defaulting to `split`. Dataset records are named '<spec>[<index>]'."""
+  kind, _, rest = spec.partition(':')
+  if kind not in SOURCES or not rest:
+    return read_records(spec, data_cfg.on_error)
+  name, _, given = rest.partition(':')
+  split = given or split
+  source = SOURCES[kind](name, split, data_cfg)
+  records = Records()
+  for i, raw in enumerate(source):
+    where = f'{kind}:{name}:{split}[{i}]'
+    with bad_records(data_cfg.on_error, records.skipped):
+      records.append(({k: _plain(v, where, k) for k, v in raw.items()}, where))
+  if not records and not records.skipped:
+    raise DataError(f'{kind}:{name}:{split} holds no records')
+  return records
+
+
 def load_splits(data_cfg, seed):
-  """{'train', 'val', 'test'} -> Records, from files or the demo generator."""
+  """{'train', 'val', 'test'} -> Records, from files / datasets or the demo generator."""
   if data_cfg.source == 'demo':
     parts = demo_data.splits(data_cfg.demo.num_examples, seed)
     return {s: Records((r, f'demo:{s}:{i}') for i, r in enumerate(rs)) for s, rs in parts.items()}
   if data_cfg.source != 'files':
     raise DataError(f"unknown data.source {data_cfg.source!r}; known: 'files', 'demo'")
   if not data_cfg.train:
-    raise DataError('data.train is empty: give a data file or glob (or data.source=demo)')
-  splits = {'train': read_records(data_cfg.train, data_cfg.on_error)}
-  for offset, name in enumerate(('val', 'test'), 1):
+    raise DataError('data.train is empty: give a data file or glob, tfds:<name> or hf:<name> '
+                    '(or data.source=demo)')
+  splits = {'train': read_split(data_cfg.train, 'train', data_cfg)}
+  for offset, (name, split) in enumerate((('val', 'validation'), ('test', 'test')), 1):
     if data_cfg[name]:
-      splits[name] = read_records(data_cfg[name], data_cfg.on_error)
+      splits[name] = read_split(data_cfg[name], split, data_cfg)
     else:
       rest, held = _hold_out(splits['train'], data_cfg[f'{name}_fraction'], seed + offset, name)
       splits['train'], splits[name] = Records(rest, splits['train'].skipped), Records(held)
   return splits
 
 
-def _process_rows(batch_size):
-  """This host's slice of each global batch."""
-  n, i = jax.process_count(), jax.process_index()
-  if batch_size % n:
-    raise DataError(f'global batch {batch_size} does not divide over {n} processes')
-  per = batch_size // n
-  return slice(i * per, (i + 1) * per)
+def process_rows(batch_size, process=None):
+  """The rows of each global batch that this process (or `process`: (count, index)) holds."""
+  count, index = process or (jax.process_count(), jax.process_index())
+  if batch_size % count:
+    raise DataError(f'global batch {batch_size} does not divide over {count} processes')
+  per = batch_size // count
+  return range(index * per, (index + 1) * per)
 
 
-def train_dataset(examples, batch_size, seed):
-  """Endless, seeded-shuffled (fresh order each epoch) Grain dataset of this host's batch rows."""
-  n = len(next(iter(examples.values())))
-  if n < batch_size:
-    raise DataError(f'train split has {n} examples, fewer than one batch of {batch_size}')
-  rows = _process_rows(batch_size)
-  return (grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
-          .batch(batch_size, drop_remainder=True)
-          .map(lambda idx: {k: v[idx[rows]] for k, v in examples.items()}))
+class Packer:
+  """Places the segments of a stream of records next-fit into rows of `seq_len` tokens (each
+  segment in a row of its own unless `pack`). `segments(k)` gives the k-th record's segments
+  (token lists first) and its id, or None past the end. The position (record k, segment s) of
+  the next segment to place is all the state there is."""
+
+  def __init__(self, segments, seq_len, pack, num_records):
+    self.segments, self.seq_len, self.pack, self.num_records = segments, seq_len, pack, num_records
+    self.k, self.s, self._cached = 0, 0, None
+
+  def _record(self, k):
+    if self._cached is None or self._cached[0] != k:
+      self._cached = (k, self.segments(k))
+    return self._cached[1]
+
+  def row(self):
+    """The next row as [(segment, record id), ...]; [] once the records run out."""
+    row, used, empty = [], 0, 0
+    while (got := self._record(self.k)) is not None:
+      segments, rid = got
+      if self.s == len(segments):  # This record is placed (or gave nothing): on to the next.
+        self.k, self.s = self.k + 1, 0
+        empty = 0 if row else empty + 1
+        if empty > self.num_records:
+          raise DataError(f'none of the {self.num_records} records gives a supervised example')
+        continue
+      n = len(segments[self.s][0])
+      if row and (not self.pack or used + n > self.seq_len):
+        break
+      row.append((segments[self.s], rid))
+      used, self.s = used + n, self.s + 1
+    return row
+
+
+class TrainStream:
+  """This process's rows of every global train batch, in an order fixed by (seed, records) alone.
+
+  An endless seeded shuffle of the records (Grain's, reshuffled every epoch) is dealt to the
+  batch's row slots: slot j gets records order[j], order[j + B], order[j + 2B], ... and packs
+  their segments next-fit into its rows, so step t's row j is slot j's t-th row. Nothing here
+  depends on the mesh or on the objective's packing of other rows; each of P processes takes the
+  slots [p*B/P, (p+1)*B/P) and tokenizes only the records dealt to them. Without packing (one
+  example per row, as classification always is) step t holds exactly records order[tB:(t+1)B].
+
+  `segments(record, where, dropped)` tokenizes one record (appending to `dropped` if it has none to
+  give); `arrays(rows)` turns rows of segments into example arrays. Batches also carry
+  `record_ids` [rows, seq_len]: the record (index into `records`) of each token, -1 for padding.
+  """
+
+  def __init__(self, records, segments, arrays, seq_len, pack, batch_size, seed, process=None):
+    """`process`: (count, index) to stand in for jax's (tests)."""
+    if len(records) < batch_size:
+      raise DataError(f'train split has {len(records)} records, fewer than one batch of '
+                      f'{batch_size}')
+    self.records, self.tokenize, self.arrays, self.seq_len = records, segments, arrays, seq_len
+    self.key = {'seed': seed, 'batch_size': batch_size, 'records': len(records)}
+    self.order = grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat(None)
+    self.slots = process_rows(batch_size, process)
+    self.dropped = {j: 0 for j in self.slots}
+    self.packers = {j: Packer(functools.partial(self._segments, j), seq_len, pack, len(records))
+                    for j in self.slots}
+    self.batches = 0
+
+  def _segments(self, j, k):
+    i = self.order[j + k * self.key['batch_size']]
+    dropped = []
+    segments = self.tokenize(*self.records[i], dropped)
+    self.dropped[j] += len(dropped)
+    return segments, i
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    rows = [self.packers[j].row() for j in self.slots]
+    batch = self.arrays([[segment for segment, _ in row] for row in rows])
+    ids = np.full((len(rows), self.seq_len), -1, np.int32)
+    for r, row in enumerate(rows):
+      at = 0
+      for segment, i in row:
+        ids[r, at:at + len(segment[0])] = i
+        at += len(segment[0])
+    self.batches += 1
+    return {**batch, 'record_ids': ids}
+
+  def get_state(self):
+    """The position of every slot (gathered from all processes): [slot, record k, segment s,
+    records dropped]. Every process must call it at the same step."""
+    local = np.array([[j, p.k, p.s, self.dropped[j]] for j, p in self.packers.items()], np.int32)
+    if jax.process_count() > 1:
+      local = multihost_utils.process_allgather(local, tiled=True)
+    return {**self.key, 'batches': self.batches, 'slots': local.tolist()}
+
+  def set_state(self, state):
+    """Resume at a saved position (saved by any number of processes)."""
+    saved = {k: state.get(k) for k in self.key}
+    if saved != self.key:
+      raise DataError(f'the checkpoint\'s data position is for {saved}, this run has {self.key}: '
+                      f'the data order cannot carry over (resume with the saved config.json, or '
+                      f'start a new workdir with train.init_from)')
+    slots = {j: (k, s, d) for j, k, s, d in state['slots']}
+    for j, packer in self.packers.items():
+      packer.k, packer.s, self.dropped[j] = slots[j]
+    self.batches = state['batches']
 
 
 def eval_batches(examples, batch_size, max_batches=0):
@@ -195,7 +361,8 @@ def eval_batches(examples, batch_size, max_batches=0):
   num = -(-n // batch_size)
   if max_batches:
     num = min(num, max_batches)
-  rows = _process_rows(batch_size)
+  rows = process_rows(batch_size)
+  rows = slice(rows.start, rows.stop)
   for b in range(num):
     idx = np.arange(b * batch_size, (b + 1) * batch_size)
     real = idx < n

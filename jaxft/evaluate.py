@@ -144,14 +144,14 @@ def main(argv):
                                    f'than the run\'s {cfg.objective}')
     cfg.objective = args.objective
   objective = objectives.get(cfg.objective)
-  records = data.load_splits(cfg.data, cfg.seed)
-  examples = {s: objective.encode(records[s], tok, cfg.data) for s in {'train', args.split}}
+  records = {s: objective.check(r, cfg.data) for s, r in data.load_splits(cfg.data, cfg.seed).items()}
+  examples = {args.split: objective.encode(records[args.split], tok, cfg.data)}
   evaluator = Evaluator(graphdef, objective, examples, records, tok, cfg,
                         sharding.make_mesh(cfg.mesh))
   metrics = evaluator(params, args.split)
   vocab = objectives.model_config(cfg, tok).vocab_size
-  baselines = objectives.baselines(objective, records['train'], examples['train'],
-                                   records[args.split], examples[args.split], tok, cfg.data, vocab)
+  baselines = objectives.baselines(objective, records['train'], records[args.split],
+                                   examples[args.split], tok, cfg.data, vocab)
   split = args.split if not args.objective else f'{args.split}_as_{args.objective}'
   path = write_report(args.workdir, cfg, step, split, metrics, baselines)
   print(f'{cfg.objective} on {args.split} at step {step}:')

@@ -48,17 +48,35 @@ def _unsupervised(where, why, data_cfg, dropped):
   dropped.append(where)
 
 
-# Segments: (inputs, targets, loss mask) token lists of one example, at most seq_len long.
+# Each objective reads a record in two steps: `fields` checks what it needs (cheap, no tokenizing:
+# every record is checked before training starts), `segments` tokenizes (train records only when
+# they are drawn). An LM segment is (inputs, targets, loss mask) token lists, at most seq_len
+# long; a classification segment is (tokens, label).
 
-def _next_token_segments(rec, where, tok, data_cfg, dropped):
+def _text_field(rec, where, data_cfg):
+  return _text(rec, data_cfg.text_field, where)
+
+
+def _next_token_segments(text, where, tok, data_cfg, dropped):
   """A document + EOS; documents longer than seq_len continue in further segments."""
-  ids = tok.encode(_text(rec, data_cfg.text_field, where)) + [tok.eos_id]
+  ids = tok.encode(text) + [tok.eos_id]
   if len(ids) < 2:
     _unsupervised(where, f'field {data_cfg.text_field!r} is empty', data_cfg, dropped)
     return []
   inputs, targets, T = ids[:-1], ids[1:], data_cfg.seq_len
   return [(inputs[i:i + T], targets[i:i + T], [1.0] * len(targets[i:i + T]))
           for i in range(0, len(inputs), T)]
+
+
+def _pair_fields(rec, where, data_cfg):
+  """(prompt shown through data.prompt_template, completion)."""
+  _check_side(data_cfg)
+  try:
+    prompt = data_cfg.prompt_template.format(prompt=_text(rec, data_cfg.prompt_field, where))
+  except (KeyError, IndexError) as e:
+    raise data.DataError(f'data.prompt_template={data_cfg.prompt_template!r} may only use '
+                         f'{{prompt}} (got {{{e.args[0]}}})') from None
+  return prompt, _text(rec, data_cfg.completion_field, where)
 
 
 def prompt_completion_ids(rec, where, tok, data_cfg):
@@ -68,14 +86,13 @@ def prompt_completion_ids(rec, where, tok, data_cfg):
   completion from the right; 'right' cuts the joined sequence from the right, which may leave no
   completion at all. An empty prompt becomes EOS, GPT-2's start-of-text.
   """
-  _check_side(data_cfg)
-  try:
-    prompt = data_cfg.prompt_template.format(prompt=_text(rec, data_cfg.prompt_field, where))
-  except (KeyError, IndexError) as e:
-    raise data.DataError(f'data.prompt_template={data_cfg.prompt_template!r} may only use '
-                         f'{{prompt}} (got {{{e.args[0]}}})') from None
+  return _pair_ids(_pair_fields(rec, where, data_cfg), tok, data_cfg)
+
+
+def _pair_ids(fields, tok, data_cfg):
+  prompt, completion = fields
   p = tok.encode(prompt) or [tok.eos_id]
-  c = tok.encode(_text(rec, data_cfg.completion_field, where)) + [tok.eos_id]
+  c = tok.encode(completion) + [tok.eos_id]
   room = data_cfg.seq_len + 1
   if len(p) + len(c) <= room:
     return p, c
@@ -91,8 +108,8 @@ def _check_side(data_cfg):
                          f"known: 'left', 'right'")
 
 
-def _labeled_pair_segments(rec, where, tok, data_cfg, dropped):
-  p, c = prompt_completion_ids(rec, where, tok, data_cfg)
+def _labeled_pair_segments(fields, where, tok, data_cfg, dropped):
+  p, c = _pair_ids(fields, tok, data_cfg)
   if not c:
     _unsupervised(where, f'the prompt fills data.seq_len={data_cfg.seq_len} and the '
                   f'completion is truncated away', data_cfg, dropped)
@@ -101,45 +118,21 @@ def _labeled_pair_segments(rec, where, tok, data_cfg, dropped):
   return [(ids[:-1], ids[1:], [0.0] * (len(p) - 1) + [1.0] * len(c))]
 
 
-def _pack(segments, seq_len, pad_id, pack):
-  """Place segments into rows of seq_len (next-fit, in order; one per row unless `pack`)."""
-  rows, sources, current = [], [], None
-  for seg, where in segments:
-    if current is None or not pack or len(current[0]) + len(seg[0]) > seq_len:
-      current = ([], [], [], [], [])
-      rows.append(current)
-      sources.append([])
-    tokens, targets, mask, positions, seg_ids = current
-    n = len(seg[0])
-    tokens += seg[0]
-    targets += seg[1]
-    mask += seg[2]
-    positions += range(n)
-    seg_ids += [seg_ids[-1] + 1 if seg_ids else 1] * n
-    if where not in sources[-1]:
-      sources[-1].append(where)
-  out = {k: np.zeros((len(rows), seq_len), dt) for k, dt in (
-      ('tokens', np.int32), ('targets', np.int32), ('loss_mask', np.float32),
-      ('positions', np.int32), ('segment_ids', np.int32))}
+def _lm_arrays(rows, seq_len, pad_id):
+  """Rows of LM segments -> [rows, seq_len] arrays; each segment has its own positions."""
+  names = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')
+  out = {k: np.zeros((len(rows), seq_len), np.float32 if k == 'loss_mask' else np.int32)
+         for k in names}
   out['tokens'][:] = pad_id
   out['targets'][:] = pad_id
   for i, row in enumerate(rows):
-    for name, values in zip(('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids'), row):
-      out[name][i, :len(values)] = values
-  return out, sources
-
-
-def _encode_lm(segment_fn):
-  def encode(records, tok, data_cfg):
-    dropped, segments, skipped = [], [], []
-    for rec, where in records:
-      with data.bad_records(data_cfg.on_error, skipped):
-        segments += [(seg, where) for seg in segment_fn(rec, where, tok, data_cfg, dropped)]
-    if not segments:
-      raise data.DataError(f'no example with a supervised token among {len(records)} records')
-    arrays, sources = _pack(segments, data_cfg.seq_len, tok.pad_id, data_cfg.pack)
-    return Encoded(arrays, sources, len(dropped), skipped)
-  return encode
+    at = 0
+    for s, (inputs, targets, mask) in enumerate(row, 1):
+      n = len(inputs)
+      for name, values in zip(names, (inputs, targets, mask, range(n), [s] * n)):
+        out[name][i, at:at + n] = values
+      at += n
+  return out
 
 
 def labels(data_cfg):
@@ -164,33 +157,39 @@ def _label(rec, where, data_cfg):
     value = int(value)
   if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num:
     raise data.RecordError(f'{where}: field {data_cfg.label_field!r} = {value!r} is not a label '
-                         f'(an int in [0, {num}) or one of {names})')
+                           f'(an int in [0, {num}) or one of {names})')
   return value
 
 
-def encode_classification(records, tok, data_cfg):
-  """One row per record: its text (truncated on data.truncation_side), padding, and its label."""
+def _class_fields(rec, where, data_cfg):
   _check_side(data_cfg)
-  T = data_cfg.seq_len
-  rows, skipped = [], []  # (ids, label, where) per usable record.
-  for rec, where in records:
-    with data.bad_records(data_cfg.on_error, skipped):
-      ids = tok.encode(_text(rec, data_cfg.text_field, where))
-      if not ids:
-        raise data.RecordError(f'{where}: field {data_cfg.text_field!r} is empty')
-      rows.append((ids[-T:] if data_cfg.truncation_side == 'left' else ids[:T],
-                   _label(rec, where, data_cfg), where))
+  text = _text(rec, data_cfg.text_field, where)
+  if not text:
+    raise data.RecordError(f'{where}: field {data_cfg.text_field!r} is empty')
+  return text, _label(rec, where, data_cfg)
+
+
+def _class_segments(fields, where, tok, data_cfg, dropped):
+  """The text (truncated on data.truncation_side to seq_len) and its label."""
+  text, label = fields
+  ids, T = tok.encode(text), data_cfg.seq_len
+  if not ids:
+    raise data.RecordError(f'{where}: field {data_cfg.text_field!r} has no tokens')
+  return [(ids[-T:] if data_cfg.truncation_side == 'left' else ids[:T], label)]
+
+
+def _class_arrays(rows, seq_len, pad_id):
+  """One (tokens, label) segment per row: padded tokens, the label, a per-row loss mask."""
   n = len(rows)
-  tokens = np.full((n, T), tok.pad_id, np.int32)
-  seg_ids = np.zeros((n, T), np.int32)
-  for i, (ids, _, _) in enumerate(rows):
+  tokens = np.full((n, seq_len), pad_id, np.int32)
+  seg_ids = np.zeros((n, seq_len), np.int32)
+  for i, [(ids, _)] in enumerate(rows):
     tokens[i, :len(ids)] = ids
     seg_ids[i, :len(ids)] = 1
-  positions = np.where(seg_ids > 0, np.arange(T, dtype=np.int32), 0)
-  return Encoded({'tokens': tokens, 'positions': positions, 'segment_ids': seg_ids,
-                  'label': np.array([label for _, label, _ in rows], np.int32).reshape(n),
-                  'loss_mask': np.ones((n,), np.float32)},
-                 [[where] for _, _, where in rows], skipped=skipped)
+  positions = np.where(seg_ids > 0, np.arange(seq_len, dtype=np.int32), 0)
+  return {'tokens': tokens, 'positions': positions, 'segment_ids': seg_ids,
+          'label': np.array([row[0][1] for row in rows], np.int32).reshape(n),
+          'loss_mask': np.ones((n,), np.float32)}
 
 
 def audit(examples, split):
@@ -268,20 +267,69 @@ def class_metrics(sums):
 @dataclasses.dataclass(frozen=True)
 class Objective:
   name: str
-  encode: Callable  # (records, tokenizer, data_cfg) -> Encoded example arrays
+  fields: Callable  # (record, where, data_cfg) -> what it needs from the record, checked
+  segments: Callable  # (fields, where, tok, data_cfg, dropped) -> [segment], tokenized
+  arrays: Callable  # (rows of segments, seq_len, pad_id) -> example arrays
   loss: Callable  # (model, batch, dropout_key) -> (loss_sum, supervised count)
   eval_sums: Callable  # (model, batch) -> {name: array summed over the batch}
   metrics: Callable  # (sums over a split, as floats/np arrays) -> {metric: value}
   has_head: bool = False  # Needs model.score (data labels decide its size).
+  packs: bool = True  # data.pack may put several examples in a row.
+
+  def check(self, records, data_cfg):
+    """The records this objective can use (fields checked, nothing tokenized); a bad one stops
+    the run naming it, or with data.on_error='skip' is left out and listed in `skipped`
+    (records.skipped, those the reader left out, are not repeated there)."""
+    good = data.Records()
+    for rec, where in records:
+      with data.bad_records(data_cfg.on_error, good.skipped):
+        self.fields(rec, where, data_cfg)
+        good.append((rec, where))
+    return good
+
+  def _tokenizer(self, tok, data_cfg):
+    """(record, where, dropped, skipped=dropped) -> segments. A record without supervision
+    is appended to `dropped` (or stops the run, per data.drop_unsupervised); a bad one raises or,
+    with data.on_error='skip', has its message appended to `skipped`."""
+    def segments(rec, where, dropped, skipped=None):
+      with data.bad_records(data_cfg.on_error, dropped if skipped is None else skipped):
+        return self.segments(self.fields(rec, where, data_cfg), where, tok, data_cfg, dropped)
+      return []
+    return segments
+
+  def _packing(self, data_cfg):
+    return self.packs and data_cfg.pack
+
+  def encode(self, records, tok, data_cfg):
+    """All of `records`, in order, as Encoded example arrays (evaluation splits, tests)."""
+    good = self.check(records, data_cfg)
+    dropped, tokenize = [], self._tokenizer(tok, data_cfg)
+    get = lambda k: (tokenize(*good[k], dropped, good.skipped), good[k][1]) if k < len(good) \
+        else None
+    packer = data.Packer(get, data_cfg.seq_len, self._packing(data_cfg), len(good))
+    rows = list(iter(packer.row, []))
+    if not rows:
+      raise data.DataError(f'no example with a supervised token among {len(records)} records')
+    return Encoded(self.arrays([[seg for seg, _ in row] for row in rows], data_cfg.seq_len,
+                               tok.pad_id),
+                   [list(dict.fromkeys(w for _, w in row)) for row in rows], len(dropped),
+                   good.skipped)
+
+  def stream(self, records, tok, data_cfg, batch_size, seed, process=None):
+    """The train split's data.TrainStream: checked records, tokenized as they are drawn."""
+    return data.TrainStream(records, self._tokenizer(tok, data_cfg),
+                            lambda rows: self.arrays(rows, data_cfg.seq_len, tok.pad_id),
+                            data_cfg.seq_len, self._packing(data_cfg), batch_size, seed, process)
 
 
 OBJECTIVES = {
-    'next_token': Objective('next_token', _encode_lm(_next_token_segments), token_loss,
-                            lm_eval_sums, lm_metrics),
-    'labeled_pair': Objective('labeled_pair', _encode_lm(_labeled_pair_segments), token_loss,
-                              lm_eval_sums, lm_metrics),
-    'classification': Objective('classification', encode_classification, class_loss,
-                                class_eval_sums, class_metrics, has_head=True),
+    'next_token': Objective('next_token', _text_field, _next_token_segments, _lm_arrays,
+                            token_loss, lm_eval_sums, lm_metrics),
+    'labeled_pair': Objective('labeled_pair', _pair_fields, _labeled_pair_segments, _lm_arrays,
+                              token_loss, lm_eval_sums, lm_metrics),
+    'classification': Objective('classification', _class_fields, _class_segments, _class_arrays,
+                                class_loss, class_eval_sums, class_metrics, has_head=True,
+                                packs=False),
 }
 
 
@@ -297,14 +345,19 @@ def get(name):
   return OBJECTIVES[name]
 
 
-def baselines(objective, train_records, train_examples, eval_records, eval_examples, tok,
-              data_cfg, vocab_size):
+BASELINE_RECORDS = 20_000  # Train records tokenized for the baselines (the first ones).
+
+
+def baselines(objective, train_records, eval_records, eval_examples, tok, data_cfg, vocab_size):
   """What a trivial predictor scores on the eval split: the bar a trained model must clear.
 
   next_token / labeled_pair: cross-entropy of train unigram frequencies on the supervised tokens;
   labeled_pair also: exact match of always answering the most common train completion;
-  classification: accuracy of always answering the most common train label.
+  classification: accuracy of always answering the most common train label. Train statistics
+  come from the first BASELINE_RECORDS train records.
   """
+  train_records = train_records[:BASELINE_RECORDS]
+  train_examples = objective.encode(train_records, tok, data_cfg)
   if objective.name == 'classification':
     counts = np.bincount(train_examples['label'], minlength=labels(data_cfg)[0])
     return {'majority_accuracy': float(np.mean(eval_examples['label'] == counts.argmax()))}

@@ -158,20 +158,28 @@ def log(msg):
     print(msg, flush=True)
 
 
-def encode_splits(cfg, objective, tok, workdir=None):
-  """(records, audited example arrays) per split, with a log line each. Bad records skipped
+def prepare_splits(cfg, objective, tok, workdir=None):
+  """(checked records, encoded val/test examples) per split, with a log line each. The train
+  records are tokenized later, as the TrainStream draws them. Bad records skipped
   (data.on_error='skip') are counted there and listed in <workdir>/skipped_records.txt."""
-  records = data.load_splits(cfg.data, cfg.seed)
-  examples, skipped = {}, []
-  for split, recs in records.items():
-    ex = examples[split] = objective.encode(recs, tok, cfg.data)
-    objectives.audit(ex, split)
-    bad = recs.skipped + ex.skipped
+  records, examples, skipped = {}, {}, []
+  for split, recs in data.load_splits(cfg.data, cfg.seed).items():
+    good = records[split] = objective.check(recs, cfg.data)
+    bad = recs.skipped + good.skipped
+    if split == 'train':
+      rows = data.process_rows(cfg.train.batch_size)
+      line = (f'{len(good)} records, tokenized as drawn (this process: rows '
+              f'{rows.start}..{rows.stop - 1} of each batch of {cfg.train.batch_size})')
+    else:
+      ex = examples[split] = objective.encode(good, tok, cfg.data)
+      objectives.audit(ex, split)
+      bad += ex.skipped
+      line = (f'{len(good)} records -> {len(ex["tokens"])} rows, '
+              f'{int((ex["segment_ids"] > 0).sum()):,} tokens, '
+              f'{int(ex["loss_mask"].sum()):,} supervised'
+              + (f', {ex.dropped} dropped without supervised tokens' if ex.dropped else ''))
     skipped += [f'{split}\t{message}' for message in bad]
-    log(f'{split}: {len(recs)} records -> {len(ex["tokens"])} rows, '
-        f'{int((ex["segment_ids"] > 0).sum()):,} tokens, '
-        f'{int(ex["loss_mask"].sum()):,} supervised ({cfg.objective})'
-        + (f', {ex.dropped} dropped without supervised tokens' if ex.dropped else '')
+    log(f'{split} ({cfg.objective}): {line}'
         + (f', {len(bad)} bad records skipped (first: {bad[0]})' if bad else ''))
   if skipped and workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -227,7 +235,7 @@ def run(cfg, workdir):
         f'micro-batches over mesh.data x mesh.fsdp = {batch_shards} devices')
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  records, examples = encode_splits(cfg, objective, tok, workdir)
+  records, examples = prepare_splits(cfg, objective, tok, workdir)
   model_cfg = objectives.model_config(cfg, tok)
   if cfg.data.seq_len > model_cfg.max_len:
     raise config_lib.ConfigError(
@@ -246,7 +254,7 @@ def run(cfg, workdir):
                                         for x in jax.tree.leaves(abstract)))
 
   mngr = checkpoint.manager(workdir, cfg.checkpoint)
-  train_iter = iter(data.train_dataset(examples['train'], T.batch_size, cfg.seed))
+  train_iter = objective.stream(records['train'], tok, cfg.data, T.batch_size, cfg.seed)
   # Cumulative counts travel with the data position in the checkpoint.
   totals = {'tokens': 0.0, 'supervised_tokens': 0.0, 'skipped_steps': 0.0}
   if mngr.latest_step() is not None:
@@ -271,9 +279,8 @@ def run(cfg, workdir):
 
   train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum, trainable)
   evaluator = evaluate.Evaluator(graphdef, objective, examples, records, tok, cfg, mesh)
-  baselines = {s: objectives.baselines(objective, records['train'], examples['train'], records[s],
-                                       examples[s], tok, cfg.data, model_cfg.vocab_size)
-               for s in ('val', 'test')}
+  baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
+                                       cfg.data, model_cfg.vocab_size) for s in ('val', 'test')}
   metrics_log = MetricsLog(workdir, step)
   progress = Progress(step, T.steps)
   window = {'tokens': 0.0, 'time': time.time()}
@@ -329,7 +336,9 @@ def run(cfg, workdir):
   pending = None
   try:
     while step < T.steps:
-      batch = sharding.shard_batch(next(train_iter), mesh)
+      batch = next(train_iter)
+      del batch['record_ids']  # Host-side provenance: which records each row holds.
+      batch = sharding.shard_batch(batch, mesh)
       state, metrics = train_step(state, batch)
       step += 1
       # The previous step's metrics are read while this one runs: the device never waits for
@@ -359,10 +368,11 @@ def run(cfg, workdir):
       if mngr.latest_step() != step:
         save({'val_loss': val['loss']})
       checkpoint.wait(mngr)  # summary.json only once the final checkpoint is on disk.
+      dropped = sum(d for *_, d in train_iter.get_state()['slots'])  # (Gathered: all processes.)
       if jax.process_index() == 0:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
           json.dump({'objective': cfg.objective, 'steps': step, 'tokens': totals['tokens'],
-                     'supervised_tokens': totals['supervised_tokens'],
+                     'supervised_tokens': totals['supervised_tokens'], 'train_dropped': dropped,
                      'wall_s': round(time.time() - started, 1),  # This process (resumes add up).
                      'val': final['val'], 'test': final['test'],
                      'baselines': baselines}, f, indent=1)

@@ -1,3 +1,4 @@
+import collections
 import json
 
 import numpy as np
@@ -123,20 +124,109 @@ def test_demo_splits_hold_out_questions():
   assert demo_data.generate(50, seed=3) == demo_data.generate(50, seed=3)
 
 
-def test_grain_iterator_resumes_at_saved_position():
-  ex = {'tokens': np.arange(40).reshape(20, 2), 'targets': np.arange(40).reshape(20, 2),
-        'loss_mask': np.ones((20, 2))}
-  ds = data.train_dataset(ex, 4, seed=0)
-  it = iter(ds)
-  first = [next(it)['tokens'] for _ in range(7)]  # Crosses an epoch boundary (5 batches/epoch).
-  state = it.get_state()
-  rest = [next(it)['tokens'] for _ in range(4)]
-  again = iter(ds)
+# The train order: fixed by (seed, records) alone.
+
+DEMO = [(r, f'demo:{i}') for i, r in enumerate(demo_data.generate(40, seed=2))]
+TOK = tokenizer.build('bytes')
+
+
+def stream(name, records=DEMO, batch=4, process=None, **overrides):
+  cfg = small_config(**overrides).data
+  return objectives.get(name).stream(records, TOK, cfg, batch, seed=7, process=process)
+
+
+def first_ids(batch):
+  """The record at the start of each row."""
+  return batch['record_ids'][:, 0].tolist()
+
+
+def test_same_records_at_the_same_step_whatever_the_objective():
+  order = [int(i) for i in stream('classification').order[:80]]  # Grain's seeded shuffle
+  assert sorted(order[:40]) == sorted(order[40:]) == list(range(40))  # reshuffles each epoch.
+  steps = {name: [first_ids(b) for b, _ in zip(stream(name, data__pack=False), range(10))]
+           for name in objectives.OBJECTIVES}
+  # One example a row: step t holds records order[4t:4t+4] for every objective.
+  assert steps['next_token'] == steps['labeled_pair'] == steps['classification'] == \
+      [order[4 * t:4 * t + 4] for t in range(10)]
+  # Packed, a row holds several records, but each row slot still takes its records in the same
+  # order (slot j: order[j], order[j + 4], ...): packing changes how many fit, not which come.
+  for name in ('next_token', 'labeled_pair'):
+    per_slot = [[] for _ in range(4)]
+    for batch, _ in zip(stream(name, data__seq_len=32), range(5)):
+      starts = (batch['positions'] == 0) & (batch['segment_ids'] > 0)  # Each segment's first token.
+      for j, (row, start) in enumerate(zip(batch['record_ids'], starts)):
+        per_slot[j] += row[start].tolist()
+    for j, seen in enumerate(per_slot):
+      assert len(seen) > 10 and seen == order[j::4][:len(seen)], (name, j)
+
+
+def test_epochs_cover_every_record_once_and_reshuffle():
+  ids = [first_ids(b) for b, _ in zip(stream('classification'), range(20))]  # 2 epochs of 10.
+  epoch1, epoch2 = sum(ids[:10], []), sum(ids[10:], [])
+  assert sorted(epoch1) == sorted(epoch2) == list(range(40)) and epoch1 != epoch2
+
+
+def test_processes_share_the_batch_and_tokenize_only_their_rows():
+  """2 processes get the 1-process batch's halves, tokenize only their own records, and a
+  position saved by both resumes a single process (and the reverse)."""
+  def tokenized(s):
+    seen, real = collections.Counter(), s.tokenize
+    s.tokenize = lambda rec, where, *rest: seen.update([where]) or real(rec, where, *rest)
+    return seen
+
+  one = stream('next_token', data__seq_len=32)
+  halves = [stream('next_token', data__seq_len=32, process=(2, p)) for p in (0, 1)]
+  seen = [tokenized(s) for s in [one] + halves]
+  for _ in range(6):
+    whole, parts = next(one), [next(h) for h in halves]
+    for k in whole:
+      np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]), err_msg=k)
+  # Each process tokenized its own records (once per draw), together exactly the one's draws.
+  assert seen[0] == seen[1] + seen[2] and seen[1].total() > 30 and seen[2].total() > 30
+  state = {**halves[0].get_state(), 'slots': sum((h.get_state()['slots'] for h in halves), [])}
+  assert state['slots'] == one.get_state()['slots']
+  resumed = stream('next_token', data__seq_len=32)
+  resumed.set_state(state)
+  back = stream('next_token', data__seq_len=32, process=(2, 1))
+  back.set_state(one.get_state())
+  for _ in range(3):
+    whole, again, half = next(one), next(resumed), next(back)
+    np.testing.assert_array_equal(again['record_ids'], whole['record_ids'])
+    np.testing.assert_array_equal(half['tokens'], whole['tokens'][2:])
+
+
+def test_records_without_supervision_are_dropped_as_drawn_and_counted():
+  docs = [({'text': '' if i == 5 else f'doc {i}'}, f'mem:{i}') for i in range(12)]
+  s = stream('next_token', docs, data__pack=False)
+  with pytest.raises(data.DataError, match=r"mem:5: field 'text' is empty, so it carries no loss"):
+    [next(s) for _ in range(12)]
+  s = stream('next_token', docs, data__pack=False, data__drop_unsupervised=True)
+  batches = [next(s) for _ in range(8)]
+  state = s.get_state()
+  drawn = [int(s.order[j + k * 4]) for j, k, _, _ in state['slots'] for k in range(k)]
+  assert sum(d for *_, d in state['slots']) == drawn.count(5) >= 2  # Once per epoch drawn.
+  assert 5 not in np.concatenate([b['record_ids'] for b in batches])
+
+
+def test_mid_epoch_resume_gives_the_same_following_batches():
+  long_docs = [({'text': f'{i} ' * (5 + i % 30)}, f'mem:{i}') for i in range(30)]
+  s = stream('next_token', long_docs, data__seq_len=16)  # Documents span several rows.
+  for _ in range(7):
+    next(s)
+  state = json.loads(json.dumps(s.get_state()))  # As saved in the checkpoint.
+  assert any(seg > 0 for _, _, seg, _ in state['slots'])  # Some slot stopped inside a document.
+  rest = [next(s) for _ in range(12)]  # Into the next epoch.
+  again = stream('next_token', long_docs, data__seq_len=16)
   again.set_state(state)
-  np.testing.assert_array_equal(np.stack([next(again)['tokens'] for _ in range(4)]), np.stack(rest))
-  epoch1 = np.sort(np.concatenate(first[:5]).ravel())
-  np.testing.assert_array_equal(epoch1, np.arange(40))  # Each epoch sees every example once.
-  assert not np.array_equal(np.concatenate(first[:5]), np.concatenate(first[5:7] + rest[:3]))
+  for want in rest:
+    got = next(again)
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  other = stream('next_token', long_docs, batch=8, data__seq_len=16)
+  with pytest.raises(data.DataError, match=r"data position is for \{'seed': 7, 'batch_size': 4, "
+                     r"'records': 30\}, this run has \{'seed': 7, 'batch_size': 8, 'records': 30\}"):
+    other.set_state(state)
 
 
 def test_eval_batches_pad_with_masked_rows():
@@ -152,5 +242,6 @@ def test_bench_measures_the_trainers_input_path():
   cfg = small_config()
   result = bench.bench_input(cfg, batches=3)
   assert result['records'] == len(data.load_splits(cfg.data, cfg.seed)['train'])
-  assert result['batches_per_s'] > 0 and result['batch_tokens_per_s'] > 0
-  assert result['encode_tokens_per_s'] > 0 and result['read_s'] >= 0
+  # Packed rows of 128 tokens hold several ~10-token records each.
+  assert result['records_per_s'] > 3 * cfg.train.batch_size * result['batches_per_s'] > 0
+  assert result['batch_tokens_per_s'] > 0 and result['read_s'] >= 0

@@ -121,12 +121,12 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, root):
 
 def poison(monkeypatch, *batch_indices):
   """Make the train stream's batches at these indices carry NaN in their loss mask."""
-  real = data.train_dataset
+  real = data.TrainStream.__next__
 
-  def poisoned(examples, batch_size, seed):
-    return real(examples, batch_size, seed).map_with_index(
-        lambda i, b: {**b, 'loss_mask': b['loss_mask'] * np.nan} if i in batch_indices else b)
-  monkeypatch.setattr(data, 'train_dataset', poisoned)
+  def poisoned(stream):
+    index, batch = stream.batches, real(stream)
+    return {**batch, 'loss_mask': batch['loss_mask'] * np.nan} if index in batch_indices else batch
+  monkeypatch.setattr(data.TrainStream, '__next__', poisoned)
 
 
 def test_nan_batch_stops_naming_step_and_batch_before_any_save(tmp_path, monkeypatch):

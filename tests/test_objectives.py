@@ -153,19 +153,20 @@ def test_metrics_and_baselines_by_hand():
   assert m['confusion'] == cm.tolist() and m['loss'] == 1.0
   cfg = small_config().data
   lm = objectives.get('next_token')
-  ex = {'targets': np.array([[0, 0, 0, 1]]), 'loss_mask': np.ones((1, 4))}
-  # Add-one smoothed over vocab 2: p(0) = 4/6, p(1) = 2/6.
-  expected = -(3 * np.log(4 / 6) + np.log(2 / 6)) / 4
-  assert objectives.baselines(lm, [], ex, [], ex, TOK, cfg, 2) == {
-      'unigram_loss': pytest.approx(expected)}
+  V = TOK.vocab_size
+  # Train targets of 'aab': a, b, EOS (one each); add-one smoothed over V: p = 2 / (3 + V) for
+  # each of the eval targets of 'ab' (b, EOS).
+  evals = recs({'text': 'ab'})
+  assert objectives.baselines(lm, recs({'text': 'aab'}), evals, lm.encode(evals, TOK, cfg), TOK,
+                              cfg, V) == {'unigram_loss': pytest.approx(-np.log(2 / (3 + V)))}
   cls = objectives.get('classification')
-  got = objectives.baselines(cls, [], {'label': np.array([2, 2, 1])}, [],
-                             {'label': np.array([2, 0, 0, 1])}, TOK, cfg, 2)
+  labeled = lambda *ls: recs(*[{'text': 'x', 'label': l} for l in ls])
+  got = objectives.baselines(cls, labeled(2, 2, 1), labeled(2, 0, 0, 1),
+                             cls.encode(labeled(2, 0, 0, 1), TOK, cfg), TOK, cfg, V)
   assert got == {'majority_accuracy': 0.25}
   pairs = recs(*[{'prompt': 'q', 'completion': c} for c in ('7', '7', '8')])
   lp = objectives.get('labeled_pair')
-  ex = lp.encode(pairs, TOK, cfg)
-  assert objectives.baselines(lp, pairs, ex, pairs[1:], ex, TOK, cfg, 384)[
+  assert objectives.baselines(lp, pairs, pairs[1:], lp.encode(pairs[1:], TOK, cfg), TOK, cfg, V)[
       'constant_exact_match'] == 0.5
 
 

@@ -14,18 +14,19 @@ def run_steps(cfg, devices, num_steps=5, trainable=None):
   mesh = sharding.make_mesh(cfg.mesh, devices)
   tok = tokenizer.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  records = data.load_splits(cfg.data, cfg.seed)['train']
-  examples = objective.encode(records, tok, cfg.data)
+  records = objective.check(data.load_splits(cfg.data, cfg.seed)['train'], cfg.data)
   num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
   model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
   tx, lr = optim.build(cfg.optim, cfg.train.steps, trainable)
   graphdef, abstract, shardings, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
   state = init_fn()
   step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum, trainable)
-  it = iter(data.train_dataset(examples, cfg.train.batch_size, cfg.seed))
+  it = objective.stream(records, tok, cfg.data, cfg.train.batch_size, cfg.seed)
   losses = []
   for _ in range(num_steps):
-    state, metrics = step_fn(state, sharding.shard_batch(next(it), mesh))
+    batch = next(it)
+    del batch['record_ids']
+    state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
     losses.append(float(metrics['loss']))
   return losses, state, shardings
 

@@ -155,8 +155,9 @@ def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
   assert 'step 3 test: loss' in out
   assert {l['split'] for l in metrics(wd)} == {'train', 'val', 'test'}
   # The two bad lines are named, counted in the split's log line and listed in the workdir.
-  assert re.search(rf'train: 3\d\d records .* [12] bad records skipped \(first: {src}:11: '
-                   r'malformed', out), [l for l in out.splitlines() if 'records ->' in l]
+  assert re.search(rf'train \(next_token\): 3\d\d records, tokenized as drawn .* [12] bad records '
+                   rf'skipped \(first: {src}:11: malformed', out), \
+      [l for l in out.splitlines() if ' records' in l]
   skipped = open(os.path.join(wd, 'skipped_records.txt')).read().splitlines()
   assert len(skipped) == 2 and skipped[0].startswith(f'train\t{src}:11: malformed JSON line')
   assert re.match(rf"(train|val|test)\t{src}:21: missing field 'body'", skipped[1])
