@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM: create it (or a queued resource), ship this code, install, run the
+# same `python -m jaxft.train` on every worker, stream the logs, optionally delete it.
+#
+#   ./launch_tpu.sh --name my-tpu --zone us-central2-b --accelerator v4-32 --spot -- \
+#       --config=configs/common.py --config.data.train='gs://bucket/data/*.jsonl' \
+#       --workdir=gs://bucket/runs/mine
+#
+# Rerunning the same command with --skip-create resumes the run from its workdir's checkpoint.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch_tpu.sh --name NAME --zone ZONE [options] -- TRAIN_ARGS...
+
+TRAIN_ARGS go to `python -m jaxft.train` on every worker (with --config.distributed=True, so
+multi-host slices find each other through jax.distributed).
+
+  --name NAME          TPU VM name (also the queued resource's name)              [required]
+  --zone ZONE          e.g. us-central2-b                                          [required]
+  --accelerator TYPE   accelerator type, e.g. v4-8 (one host), v4-32 (four hosts)  [v4-8]
+  --version VERSION    TPU runtime version                               [tpu-ubuntu2204-base]
+  --project PROJECT    gcloud project                                   [gcloud's default]
+  --spot               use spot capacity (preemptible: the run saves on SIGTERM; rerun with
+                       --skip-create to resume)
+  --queued             create through a queued resource and wait until it is ACTIVE
+  --ship git|scp       git: clone --repo at --ref on every worker; scp: copy this checkout's
+                       committed tree (git archive)                                [git]
+  --repo URL           repository to clone                        [this checkout's origin]
+  --ref REF            commit, branch or tag to check out             [this checkout's HEAD]
+  --skip-create        use an existing TPU VM of that name
+  --delete             delete the TPU VM (or queued resource) when the run ends
+  --dry-run            print every gcloud command instead of running it
+  -h, --help           this help
+EOF
+}
+
+name= zone= accelerator=v4-8 version=tpu-ubuntu2204-base project= spot= queued= ship=git
+repo= ref= skip_create= delete= dry_run=
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) name=$2; shift 2 ;;
+    --zone) zone=$2; shift 2 ;;
+    --accelerator) accelerator=$2; shift 2 ;;
+    --version) version=$2; shift 2 ;;
+    --project) project=$2; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --queued) queued=1; shift ;;
+    --ship) ship=$2; shift 2 ;;
+    --repo) repo=$2; shift 2 ;;
+    --ref) ref=$2; shift 2 ;;
+    --skip-create) skip_create=1; shift ;;
+    --delete) delete=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) echo "launch_tpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+train_args=("$@")
+[[ -n $name && -n $zone ]] || { echo 'launch_tpu.sh: --name and --zone are required (see --help)' >&2; exit 2; }
+[[ ${#train_args[@]} -gt 0 ]] || { echo 'launch_tpu.sh: give the train arguments after -- (see --help)' >&2; exit 2; }
+[[ $ship == git || $ship == scp ]] || { echo "launch_tpu.sh: --ship must be git or scp, not $ship" >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+if [[ $ship == git ]]; then
+  repo=${repo:-$(git -C "$here" remote get-url origin)}
+fi
+ref=${ref:-$(git -C "$here" rev-parse HEAD)}
+
+common=(--zone="$zone")
+[[ -n $project ]] && common+=(--project="$project")
+
+gcloud_() {  # Run (or with --dry-run print) one gcloud command.
+  if [[ -n $dry_run ]]; then
+    printf 'gcloud'; printf ' %q' "$@"; printf '\n'
+  else
+    gcloud "$@"
+  fi
+}
+
+on_workers() {  # A shell command on every worker of the TPU VM, output streamed here.
+  gcloud_ compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command="$1"
+}
+
+if [[ -z $skip_create ]]; then
+  if [[ -n $queued ]]; then
+    gcloud_ compute tpus queued-resources create "$name" --node-id="$name" "${common[@]}" \
+      --accelerator-type="$accelerator" --runtime-version="$version" ${spot:+--spot}
+    until [[ -n $dry_run ]] || [[ $(gcloud compute tpus queued-resources describe "$name" \
+        "${common[@]}" --format='value(state.state)') == ACTIVE ]]; do
+      echo "waiting for queued resource $name to become ACTIVE ..."; sleep 30
+    done
+  else
+    gcloud_ compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type="$accelerator" \
+      --version="$version" ${spot:+--spot}
+  fi
+fi
+
+if [[ $ship == git ]]; then
+  on_workers "rm -rf jaxft && git clone -q $(printf %q "$repo") jaxft && git -C jaxft checkout -q $(printf %q "$ref")"
+else
+  archive=$(mktemp -d)/jaxft.tar.gz
+  git -C "$here" archive --format=tar.gz -o "$archive" "$ref"
+  gcloud_ compute tpus tpu-vm scp "$archive" "$name:jaxft.tar.gz" "${common[@]}" --worker=all
+  on_workers 'rm -rf jaxft && mkdir jaxft && tar -xzf jaxft.tar.gz -C jaxft'
+fi
+on_workers "cd jaxft && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
+status=0
+on_workers "cd jaxft && . .venv/bin/activate && python -m jaxft.train --config.distributed=True$(printf ' %q' "${train_args[@]}")" || status=$?
+
+if [[ -n $delete ]]; then
+  if [[ -n $queued ]]; then
+    gcloud_ compute tpus queued-resources delete "$name" "${common[@]}" --force --quiet
+  else
+    gcloud_ compute tpus tpu-vm delete "$name" "${common[@]}" --quiet
+  fi
+fi
+exit $status
