@@ -13,7 +13,7 @@ usage() {
   cat <<'EOF'
 usage: launch_tpu.sh --name NAME --zone ZONE [options] -- TRAIN_ARGS...
 
-TRAIN_ARGS go to `python -m jaxft.train` on every worker (with --config.distributed=True, so
+TRAIN_ARGS go to `python -m jaxft.train` on every worker (with --config.distributed.enabled=True, so
 multi-host slices find each other through jax.distributed).
 
   --name NAME          TPU VM name (also the queued resource's name)              [required]
@@ -106,7 +106,7 @@ else
 fi
 on_workers "cd jaxft && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
 status=0
-on_workers "cd jaxft && . .venv/bin/activate && python -m jaxft.train --config.distributed=True$(printf ' %q' "${train_args[@]}")" || status=$?
+on_workers "cd jaxft && . .venv/bin/activate && python -m jaxft.train --config.distributed.enabled=True$(printf ' %q' "${train_args[@]}")" || status=$?
 
 if [[ -n $delete ]]; then
   if [[ -n $queued ]]; then

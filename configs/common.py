@@ -11,7 +11,15 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds init, dropout and data order; same seed + same data = same run.
   c.objective = 'next_token'  # What the loss is; one field switches it (see jaxft/objectives.py).
-  c.distributed = False  # Call jax.distributed.initialize() (multi-host TPU/GPU); auto-detects peers.
+
+  c.distributed = ml_collections.ConfigDict()  # Multi-host: one process per host, one global mesh.
+  c.distributed.enabled = False  # Call jax.distributed.initialize(): TPU VMs, SLURM and Open MPI
+  # find their peers alone; elsewhere (GPU clusters, local tests) give the three keys below.
+  c.distributed.coordinator_address = ''  # 'host:port' of process 0 ('' = detect, or the
+  # JAX_COORDINATOR_ADDRESS environment variable).
+  c.distributed.num_processes = 0  # 0 = detect.
+  c.distributed.process_id = -1  # -1 = detect.
+  c.distributed.timeout_s = 300  # How long to wait for every process to join.
 
   c.model = ml_collections.ConfigDict()
   c.model.size = 'tiny'  # Named preset (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl) ...

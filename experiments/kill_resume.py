@@ -90,7 +90,12 @@ def kill_once(config, sets, workdir, kind, target, timeout=600):
 def read_params(workdir, step=None):
   """{'h/0/attn/c_attn_kernel/value': array, ...} of a checkpoint (default: the newest complete)."""
   step = max(checkpoints(workdir)[0]) if step is None else step
-  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'params'))
+  path = os.path.join(workdir, 'checkpoints', str(step), 'params')
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  # As numpy on the host: readable whatever devices (or processes) wrote it.
+  tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   return {'/'.join(str(k.key) for k in p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 

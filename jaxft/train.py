@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxft import checkpoint, config as config_lib, data, evaluate, model as model_lib, \
     objectives, optim, sharding, tokenizer as tokenizer_lib
@@ -123,16 +124,19 @@ class MetricsLog:
 
 
 class Progress:
-  """tqdm bar on a terminal; plain log lines (every log_every steps) otherwise."""
+  """tqdm bar on a terminal; plain log lines (every log_every steps) otherwise; process 0 only."""
 
   def __init__(self, start, total):
-    self.total, self.tty = total, sys.stderr.isatty()
+    self.enabled = jax.process_index() == 0
+    self.total, self.tty = total, self.enabled and sys.stderr.isatty()
     self.t0, self.start = time.time(), start
     if self.tty:
       from tqdm import tqdm
       self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
 
   def update(self, step, line):
+    if not self.enabled:
+      return
     if self.tty:
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix_str(f"loss {line['loss']:.4f} {line['tokens_per_s']:,.0f} tok/s")
@@ -146,6 +150,29 @@ class Progress:
   def close(self):
     if self.tty:
       self.bar.close()
+
+
+class Preemption:
+  """preempted(step): stop at this step? SIGTERM (preemption, scancel, some launchers' Ctrl-C)
+  asks for a checkpoint at the next step and a clean exit. With several processes they must all
+  stop at the same step, so JAX's preemption sync (which hears the notice, SIGTERM by default, on
+  any process) decides; alone, a SIGTERM handler does."""
+
+  def __init__(self):
+    self.shared = jax.process_count() > 1
+    self.what = 'preemption notice' if self.shared else 'SIGTERM'
+    if not self.shared:
+      self.notices = []
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.notices.append(True))
+
+  def __call__(self, step):
+    if self.shared:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return bool(self.notices)
+
+  def close(self):
+    if not self.shared:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 def summary(metrics):
@@ -330,9 +357,7 @@ def run(cfg, workdir):
       progress.update(at_step, line)
       window.update(tokens=0.0, time=now)
 
-  # SIGTERM (preemption, scancel, Ctrl-C in some launchers): checkpoint at the next step and exit.
-  stop = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+  preempted = Preemption()
   pending = None
   try:
     while step < T.steps:
@@ -346,7 +371,7 @@ def run(cfg, workdir):
       if pending:
         record(*pending)
       pending = (step, metrics)
-      stopping = bool(stop)  # Read once: a signal landing mid-iteration waits for the next one.
+      stopping = preempted(step)  # Read once: a notice landing mid-iteration waits for the next.
       evaluate_now = step % T.eval_every == 0
       save_now = step % cfg.checkpoint.every == 0 or stopping
       if evaluate_now or save_now or step == T.steps:
@@ -361,7 +386,7 @@ def run(cfg, workdir):
       if save_now:
         save(ckpt_metrics)
       if stopping:
-        log(f'SIGTERM: saved step {step}, exiting; rerun the same command to resume')
+        log(f'{preempted.what}: saved step {step}, exiting; rerun the same command to resume')
         break
     if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved.
       val, _ = run_eval('val', 0), run_eval('test', 0)
@@ -379,16 +404,25 @@ def run(cfg, workdir):
   finally:
     progress.close()
     metrics_log.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    preempted.close()
     checkpoint.wait(mngr)
     mngr.close()
   return state
 
 
+def initialize_distributed(d):
+  """jax.distributed.initialize per config.distributed (before anything touches a device)."""
+  if not d.enabled:
+    return
+  given = {'coordinator_address': d.coordinator_address or None,
+           'num_processes': d.num_processes or None,
+           'process_id': d.process_id if d.process_id >= 0 else None}
+  jax.distributed.initialize(**given, initialization_timeout=d.timeout_s)
+
+
 def main(argv):
   cfg, workdir = config_lib.parse_args(argv)
-  if cfg.distributed:
-    jax.distributed.initialize()
+  initialize_distributed(cfg.distributed)
   if jax.process_index() == 0:
     print(cfg)
   run(cfg, workdir)

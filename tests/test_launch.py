@@ -54,7 +54,7 @@ def test_single_host_v4_8(fake_gcloud):
   assert install.endswith("pip install -q -e '.[tpu]'")
   # The same train command on every worker, its arguments intact through the remote shell.
   cmd = shlex.split(train.split('&& ', 2)[2])
-  assert cmd == ['python', '-m', 'jaxft.train', '--config.distributed=True', *TRAIN]
+  assert cmd == ['python', '-m', 'jaxft.train', '--config.distributed.enabled=True', *TRAIN]
   assert calls[4] == ['compute', 'tpus', 'tpu-vm', 'delete', 'tpu1', '--zone=us-central2-b',
                       '--quiet']
   assert len(calls) == 5
@@ -74,7 +74,7 @@ def test_multi_host_v4_32_queued_spot_scp(fake_gcloud):
   assert all(c[:5] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'pod'] and '--worker=all' in c
              for c in calls[3:])
   assert 'tar -xzf jaxft.tar.gz' in remote(calls[3])
-  assert 'jaxft.train --config.distributed=True' in remote(calls[5]) and len(calls) == 6
+  assert 'jaxft.train --config.distributed.enabled=True' in remote(calls[5]) and len(calls) == 6
 
 
 def test_dry_run_prints_every_command_and_runs_none(fake_gcloud):
