@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import ml_collections
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -26,8 +27,12 @@ def manager(workdir, ckpt_cfg):
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=ckpt_cfg.async_save, cleanup_tmp_directories=True,
       preservation_policy=pp.AnyPreservationPolicy(policies))
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+  return ocp.CheckpointManager(absolute(workdir) / 'checkpoints', options=options)
+
+
+def absolute(path):
+  """An epath.Path: local paths made absolute, remote ones (gs://...) kept as given."""
+  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
 
 
 class StorageError(RuntimeError):
@@ -36,16 +41,16 @@ class StorageError(RuntimeError):
 
 def check_storage(workdir, checkpoint_bytes):
   """Fail before training if the workdir cannot be written or has no room for one checkpoint."""
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = absolute(workdir) / 'checkpoints'
   try:
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f'.write-probe-{jax.process_index()}-{os.getpid()}')
-    with open(probe, 'wb') as f:
-      f.write(bytes(4096))
-      os.fsync(f.fileno())
-    os.remove(probe)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f'.write-probe-{jax.process_index()}-{os.getpid()}'
+    probe.write_bytes(bytes(4096))
+    probe.unlink()
   except OSError as e:
     raise StorageError(f'workdir {workdir} is not writable: {e}') from None
+  if '://' in str(directory):
+    return  # Object stores have no free-space figure to check.
   free = shutil.disk_usage(directory).free
   if free < checkpoint_bytes:
     raise StorageError(f'workdir {workdir} has {free / 2**20:,.1f} MiB free, less than one '
@@ -61,7 +66,7 @@ def storage_errors(mngr):
   try:
     yield
   except (OSError, ValueError, RuntimeError) as e:  # As raised by the OS, tensorstore, orbax.
-    names = os.listdir(mngr.directory) if os.path.isdir(mngr.directory) else []
+    names = [p.name for p in mngr.directory.iterdir()] if mngr.directory.is_dir() else []
     failed = sorted(n.split('.')[0] for n in names if n.endswith('.orbax-checkpoint-tmp'))
     done = ocp.utils.checkpoint_steps(mngr.directory) if names else []
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
@@ -126,7 +131,7 @@ def check_params(params_dir, abstract_params, new_ok=None):
 def restore(mngr, abstract_state, shardings, step=None):
   """(state, data_state) of `step` (default: latest), placed with `shardings`."""
   step = mngr.latest_step() if step is None else step
-  check_params(os.path.join(mngr.directory, str(step), 'params'), abstract_state['params'])
+  check_params(mngr.directory / str(step) / 'params', abstract_state['params'])
   rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
@@ -144,12 +149,12 @@ def restore(mngr, abstract_state, shardings, step=None):
 
 def resolve(path):
   """A workdir, its checkpoints/ dir or one step dir -> (checkpoints dir, step)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  if os.path.isdir(os.path.join(path, 'params')):  # A step directory.
-    return os.path.dirname(path), int(os.path.basename(path))
-  if not os.path.isdir(path):
+  path = absolute(path)
+  if (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  if (path / 'params').is_dir():  # A step directory.
+    return path.parent, int(path.name)
+  if not path.is_dir():
     raise FileNotFoundError(f'no jaxft checkpoint at {path}')
   steps = ocp.utils.checkpoint_steps(path)
   if not steps:
@@ -166,7 +171,7 @@ def restore_params(path, params, shardings, new_ok):
   report lists 'loaded', 'new' and 'ignored' paths and the 'source' step dir.
   """
   directory, step = resolve(path)
-  params_dir = os.path.join(directory, str(step), 'params')
+  params_dir = directory / str(step) / 'params'
   saved, want = check_params(params_dir, params, new_ok)
   flat_shardings = {model.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
   target = {}
@@ -190,9 +195,8 @@ def restore_params(path, params, shardings, new_ok):
 def run_config(path):
   """(the run's config, checkpoints dir, step) for a workdir or one of its step dirs."""
   directory, step = resolve(path)
-  cfg_path = os.path.join(os.path.dirname(directory), 'config.json')
-  if not os.path.isfile(cfg_path):
+  cfg_path = directory.parent / 'config.json'
+  if not cfg_path.is_file():
     raise FileNotFoundError(f'{cfg_path} not found: the run\'s config must sit next to its '
                             f'checkpoints/')
-  with open(cfg_path) as f:
-    return ml_collections.ConfigDict(json.load(f)), directory, step
+  return ml_collections.ConfigDict(json.loads(cfg_path.read_text())), directory, step

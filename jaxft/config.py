@@ -10,6 +10,7 @@ import os
 import sys
 
 import ml_collections
+from etils import epath
 
 
 class ConfigError(ValueError):
@@ -107,8 +108,13 @@ def parse_args(argv):
   return cfg, workdir
 
 
+def write_file(workdir, name, text):
+  """Write <workdir>/<name> whole; the workdir may be local or remote (gs://..., via epath)."""
+  path = epath.Path(workdir) / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+
+
 def save(cfg, workdir):
   """Write the resolved config as <workdir>/config.json (what was run, for the record)."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  write_file(workdir, 'config.json', json.dumps(cfg.to_dict(), indent=2, sort_keys=True))

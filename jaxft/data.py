@@ -14,9 +14,9 @@ import io
 import json
 import os
 
-import grain
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxft import demo_data
@@ -75,7 +75,8 @@ def _json_line(raw, path, i):
 
 
 def _jsonl(path, on_error, skipped):
-  with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+  with epath.Path(path).open('rb') as raw_file, (
+      gzip.GzipFile(fileobj=raw_file) if path.endswith('.gz') else raw_file) as f:
     for i, raw in enumerate(f, 1):
       with bad_records(on_error, skipped):
         if (rec := _json_line(raw, path, i)) is not None:
@@ -84,8 +85,7 @@ def _jsonl(path, on_error, skipped):
 
 def _table(path, on_error, skipped):
   """Rows of a .csv / .tsv file with a header line, as dicts of strings."""
-  with open(path, 'rb') as f:
-    raw = f.read()
+  raw = epath.Path(path).read_bytes()
   try:
     text = raw.decode('utf-8')
   except UnicodeDecodeError as e:  # A table is parsed whole: one bad byte stops it, named.
@@ -105,7 +105,7 @@ def _table(path, on_error, skipped):
 def _txt(path, on_error, skipped):
   """The whole file as one document."""
   text = ''
-  with bad_records(on_error, skipped), open(path, 'rb') as f:
+  with bad_records(on_error, skipped), epath.Path(path).open('rb') as f:
     text = ''.join(_decode(raw, path, i) for i, raw in enumerate(f, 1))
   if text.strip():
     yield {'text': text}, path
@@ -119,7 +119,11 @@ def read_records(pattern, on_error='raise'):
   .csv / .tsv (a header line, then a record per row) or .txt (one file = one {'text'} record).
   Bad records stop the read naming file:line, or with on_error='skip' are left out and listed in
   the result's `skipped`."""
-  files = sorted(glob.glob(pattern))
+  if '://' in pattern:  # Remote (gs://...): wildcards in the file name only.
+    directory, _, name = pattern.rpartition('/')
+    files = sorted(str(p) for p in epath.Path(directory).glob(name))
+  else:
+    files = sorted(glob.glob(pattern))
   if not files:
     raise DataError(f'no data file matches {pattern!r}')
   records = Records()
@@ -285,7 +289,7 @@ class Packer:
 class TrainStream:
   """This process's rows of every global train batch, in an order fixed by (seed, records) alone.
 
-  An endless seeded shuffle of the records (Grain's, reshuffled every epoch) is dealt to the
+  An endless seeded shuffle of the records (a fresh order every epoch) is dealt to the
   batch's row slots: slot j gets records order[j], order[j + B], order[j + 2B], ... and packs
   their segments next-fit into its rows, so step t's row j is slot j's t-th row. Nothing here
   depends on the mesh or on the objective's packing of other rows; each of P processes takes the
@@ -304,15 +308,27 @@ class TrainStream:
                       f'{batch_size}')
     self.records, self.tokenize, self.arrays, self.seq_len = records, segments, arrays, seq_len
     self.key = {'seed': seed, 'batch_size': batch_size, 'records': len(records)}
-    self.order = grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat(None)
+    self._epochs = {}  # epoch -> its permutation of the records (the few in use).
     self.slots = process_rows(batch_size, process)
     self.dropped = {j: 0 for j in self.slots}
     self.packers = {j: Packer(functools.partial(self._segments, j), seq_len, pack, len(records))
                     for j in self.slots}
     self.batches = 0
 
+  def record_at(self, position):
+    """The record at `position` of the endless stream. Epoch e (positions e*n .. e*n + n-1) is a
+    permutation seeded by (seed, e), made in one numpy call: drawing a record by Grain's
+    per-index shuffle took 46% of the input path's time."""
+    epoch, i = divmod(position, len(self.records))
+    if epoch not in self._epochs:
+      if len(self._epochs) >= 4:
+        del self._epochs[min(self._epochs)]
+      self._epochs[epoch] = np.random.default_rng([self.key['seed'], epoch]).permutation(
+          len(self.records))
+    return int(self._epochs[epoch][i])
+
   def _segments(self, j, k):
-    i = self.order[j + k * self.key['batch_size']]
+    i = self.record_at(j + k * self.key['batch_size'])
     dropped = []
     segments = self.tokenize(*self.records[i], dropped)
     self.dropped[j] += len(dropped)

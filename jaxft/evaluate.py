@@ -8,11 +8,11 @@ macro-F1 and the confusion matrix. Padding rows carry no weight, so every number
 """
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxft import checkpoint, config as config_lib, convert, data, objectives, sharding, \
@@ -103,27 +103,26 @@ class Evaluator:
 
 def write_report(workdir, cfg, step, split, metrics, baselines, max_batches=0):
   """<workdir>/eval/<split>_<step>.json: the metrics beside the split's trivial baselines."""
-  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
   extra = {}
   if objectives.get(cfg.objective).has_head:
     extra['label_names'] = objectives.labels(cfg.data)[1]
-  path = os.path.join(workdir, 'eval', f'{split}_{step}.json')
-  with open(path, 'w') as f:
-    json.dump({'step': step, 'split': split, 'objective': cfg.objective, 'metrics': metrics,
-               'baselines': baselines, 'batches': max_batches or 'all', **extra}, f, indent=1)
-  return path
+  name = f'eval/{split}_{step}.json'
+  config_lib.write_file(workdir, name, json.dumps(
+      {'step': step, 'split': split, 'objective': cfg.objective, 'metrics': metrics,
+       'baselines': baselines, 'batches': max_batches or 'all', **extra}, indent=1))
+  return epath.Path(workdir) / name
 
 
 def load(workdir, step=None, mesh=None):
   """(config, tokenizer, GPTConfig, graphdef, params on `mesh`) of a run's checkpoint."""
   if step is not None:
-    workdir = os.path.join(checkpoint.resolve(workdir)[0], str(step))
+    workdir = checkpoint.resolve(workdir)[0] / str(step)
   cfg, directory, step = checkpoint.run_config(workdir)
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   graphdef, abstract = convert.abstract_model(model_cfg, mesh)
-  params, _ = checkpoint.restore_params(os.path.join(directory, str(step)), abstract,
+  params, _ = checkpoint.restore_params(directory / str(step), abstract,
                                         sharding.state_shardings(abstract, mesh), new_ok=None)
   return cfg, tok, model_cfg, graphdef, params
 

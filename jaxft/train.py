@@ -5,7 +5,6 @@
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 import json
-import os
 import re
 import signal
 import sys
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -92,18 +92,18 @@ class MetricsLog:
   """metrics.jsonl + TensorBoard (process 0 only); on resume, drops lines past the restored step."""
 
   def __init__(self, workdir, resume_step):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
     self.enabled = jax.process_index() == 0
-    self.tb = None
+    self.appendable = '://' not in str(workdir)  # Object stores (gs://) cannot append.
+    self.tb, self.lines = None, []
     if not self.enabled:
       return
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
-      with open(self.path, 'w') as f:
-        f.writelines(keep)
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=resume_step + 1)
+    if self.path.exists():
+      self.lines = [l + '\n' for l in self.path.read_text().splitlines()
+                    if l.strip() and json.loads(l)['step'] <= resume_step]
+      self.path.write_text(''.join(self.lines))
+    from tensorboardX import SummaryWriter  # Writes gs:// too.
+    self.tb = SummaryWriter(str(epath.Path(workdir) / 'tb'), purge_step=resume_step + 1)
 
   def write(self, step, split, values):
     if not self.enabled:
@@ -111,8 +111,12 @@ class MetricsLog:
     # A NaN/Inf is written as null: the file stays JSON that any reader accepts.
     line = {'step': step, 'split': split, **{k: v if not isinstance(v, float) or np.isfinite(v)
                                              else None for k, v in values.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(line) + '\n')
+    self.lines.append(json.dumps(line) + '\n')
+    if self.appendable:
+      with self.path.open('a') as f:
+        f.write(self.lines[-1])
+    else:  # Rewritten whole: every log_every steps, one object.
+      self.path.write_text(''.join(self.lines))
     for k, v in values.items():
       if isinstance(v, (int, float)):
         self.tb.add_scalar(f'{split}/{k}', v, step)
@@ -209,9 +213,7 @@ def prepare_splits(cfg, objective, tok, workdir=None):
     log(f'{split} ({cfg.objective}): {line}'
         + (f', {len(bad)} bad records skipped (first: {bad[0]})' if bad else ''))
   if skipped and workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'skipped_records.txt'), 'w') as f:
-      f.write('\n'.join(skipped) + '\n')
+    config_lib.write_file(workdir, 'skipped_records.txt', '\n'.join(skipped) + '\n')
   return records, examples
 
 
@@ -243,9 +245,7 @@ def init_params(source, model_cfg, params, shardings, workdir):
       f'params (listed in init_from.json); new (freshly initialised): '
       f'{", ".join(report["new"]) or "none"}; not used: {", ".join(report["ignored"]) or "none"}')
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
-      json.dump(report, f, indent=1)
+    config_lib.write_file(workdir, 'init_from.json', json.dumps(report, indent=1))
   return params
 
 
@@ -395,12 +395,11 @@ def run(cfg, workdir):
       checkpoint.wait(mngr)  # summary.json only once the final checkpoint is on disk.
       dropped = sum(d for *_, d in train_iter.get_state()['slots'])  # (Gathered: all processes.)
       if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-          json.dump({'objective': cfg.objective, 'steps': step, 'tokens': totals['tokens'],
-                     'supervised_tokens': totals['supervised_tokens'], 'train_dropped': dropped,
-                     'wall_s': round(time.time() - started, 1),  # This process (resumes add up).
-                     'val': final['val'], 'test': final['test'],
-                     'baselines': baselines}, f, indent=1)
+        config_lib.write_file(workdir, 'summary.json', json.dumps(
+            {'objective': cfg.objective, 'steps': step, 'tokens': totals['tokens'],
+             'supervised_tokens': totals['supervised_tokens'], 'train_dropped': dropped,
+             'wall_s': round(time.time() - started, 1),  # This process (resumes add up).
+             'val': final['val'], 'test': final['test'], 'baselines': baselines}, indent=1))
   finally:
     progress.close()
     metrics_log.close()

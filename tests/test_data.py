@@ -141,7 +141,7 @@ def first_ids(batch):
 
 
 def test_same_records_at_the_same_step_whatever_the_objective():
-  order = [int(i) for i in stream('classification').order[:80]]  # Grain's seeded shuffle
+  order = [stream('classification').record_at(p) for p in range(80)]  # The seeded shuffle
   assert sorted(order[:40]) == sorted(order[40:]) == list(range(40))  # reshuffles each epoch.
   steps = {name: [first_ids(b) for b, _ in zip(stream(name, data__pack=False), range(10))]
            for name in objectives.OBJECTIVES}
@@ -203,7 +203,7 @@ def test_records_without_supervision_are_dropped_as_drawn_and_counted():
   s = stream('next_token', docs, data__pack=False, data__drop_unsupervised=True)
   batches = [next(s) for _ in range(8)]
   state = s.get_state()
-  drawn = [int(s.order[j + k * 4]) for j, k, _, _ in state['slots'] for k in range(k)]
+  drawn = [s.record_at(j + k * 4) for j, k, _, _ in state['slots'] for k in range(k)]
   assert sum(d for *_, d in state['slots']) == drawn.count(5) >= 2  # Once per epoch drawn.
   assert 5 not in np.concatenate([b['record_ids'] for b in batches])
 
