@@ -12,7 +12,6 @@ import glob
 import gzip
 import io
 import json
-import os
 
 import jax
 import numpy as np
@@ -190,9 +189,9 @@ def _hf_source(path, split, data_cfg):
   except ImportError:
     raise DataError(f'hf:{path} needs the datasets package: pip install jaxft[datasets]') from None
   try:
-    if os.path.isfile(os.path.join(path, 'dataset_dict.json')):
+    if (epath.Path(path) / 'dataset_dict.json').is_file():
       return datasets.load_from_disk(path)[split]
-    if os.path.isfile(os.path.join(path, 'state.json')):
+    if (epath.Path(path) / 'state.json').is_file():
       return datasets.load_from_disk(path)
     return datasets.load_dataset(path, data_cfg.hf_name or None, split=split)
   except (OSError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
@@ -276,7 +275,8 @@ class Packer:
         self.k, self.s = self.k + 1, 0
         empty = 0 if row else empty + 1
         if empty > self.num_records:
-          raise DataError(f'none of the {self.num_records} records gives a supervised example')
+          raise DataError(f'{empty} records in a row gave no supervised example (the data has '
+                          f'{self.num_records})')
         continue
       n = len(segments[self.s][0])
       if row and (not self.pack or used + n > self.seq_len):
