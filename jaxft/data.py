@@ -45,10 +45,40 @@ def bad_records(on_error, skipped):
 
 class Records(list):
   """[(record, 'file:line'), ...] plus `skipped`: the messages of bad records left out."""
+  lazy = False  # Every record is in memory, read and checked.
 
   def __init__(self, items=(), skipped=()):
     super().__init__(items)
     self.skipped = list(skipped)
+
+  def take(self, indices):
+    return Records([self[i] for i in indices])
+
+
+class SourceRecords:
+  """A dataset split (TFDS / HF `datasets`: random access) as records, each read only when asked
+  for: [i] -> (record, '<spec>[<index>]'). A bad one (invalid UTF-8) raises a RecordError then."""
+  lazy = True
+
+  def __init__(self, source, spec, indices=None):
+    self.source, self.spec, self.skipped = source, spec, []
+    self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.take(range(len(self))[i])
+    j = int(self.indices[i])
+    where = f'{self.spec}[{j}]'
+    return {k: _plain(v, where, k) for k, v in self.source[j].items()}, where
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def take(self, indices):
+    return SourceRecords(self.source, self.spec, self.indices[np.asarray(indices, int)])
 
 
 def _decode(raw, path, line):
@@ -150,10 +180,11 @@ def _hold_out(records, fraction, seed, name):
   if n == 0:
     raise DataError(f'data.{name} is empty and data.{name}_fraction={fraction} of {len(records)} '
                     f'records holds out nothing: give data.{name} or a larger fraction')
-  order = np.random.default_rng(seed).permutation(len(records))
-  held = set(order[:n].tolist())
-  return ([r for i, r in enumerate(records) if i not in held],
-          [r for i, r in enumerate(records) if i in held])
+  held = np.zeros(len(records), bool)
+  held[np.random.default_rng(seed).permutation(len(records))[:n]] = True
+  rest = records.take(np.flatnonzero(~held))
+  rest.skipped = records.skipped  # Listed once, with the split they were read for.
+  return rest, records.take(np.flatnonzero(held))
 
 
 def _plain(value, where, name):
@@ -204,22 +235,17 @@ SOURCES = {'tfds': _tfds_source, 'hf': _hf_source}
 
 def read_split(spec, split, data_cfg):
   """Records of data.train / val / test: a file glob (see read_records), or a dataset split,
-  `tfds:<name>[/<config>][:<split>]` or `hf:<hub name or local dir>[:<split>]`, the split
-  defaulting to `split`. Dataset records are named '<spec>[<index>]'."""
+  `tfds:<name>[/<config>][:<split>]` or `hf:<hub name or local dir>[:<split>]` (the split
+  defaulting to `split`) as SourceRecords named '<kind>:<name>:<split>[<index>]'."""
   kind, _, rest = spec.partition(':')
   if kind not in SOURCES or not rest:
     return read_records(spec, data_cfg.on_error)
   name, _, given = rest.partition(':')
   split = given or split
   source = SOURCES[kind](name, split, data_cfg)
-  records = Records()
-  for i, raw in enumerate(source):
-    where = f'{kind}:{name}:{split}[{i}]'
-    with bad_records(data_cfg.on_error, records.skipped):
-      records.append(({k: _plain(v, where, k) for k, v in raw.items()}, where))
-  if not records and not records.skipped:
+  if not len(source):
     raise DataError(f'{kind}:{name}:{split} holds no records')
-  return records
+  return SourceRecords(source, f'{kind}:{name}:{split}')
 
 
 def load_splits(data_cfg, seed):
@@ -238,7 +264,7 @@ def load_splits(data_cfg, seed):
       splits[name] = read_split(data_cfg[name], split, data_cfg)
     else:
       rest, held = _hold_out(splits['train'], data_cfg[f'{name}_fraction'], seed + offset, name)
-      splits['train'], splits[name] = Records(rest, splits['train'].skipped), Records(held)
+      splits['train'], splits[name] = rest, held
   return splits
 
 
@@ -296,8 +322,8 @@ class TrainStream:
   slots [p*B/P, (p+1)*B/P) and tokenizes only the records dealt to them. Without packing (one
   example per row, as classification always is) step t holds exactly records order[tB:(t+1)B].
 
-  `segments(record, where, dropped)` tokenizes one record (appending to `dropped` if it has none to
-  give); `arrays(rows)` turns rows of segments into example arrays. Batches also carry
+  `segments(records, i, dropped)` reads and tokenizes record i (appending to `dropped` if it has
+  none to give); `arrays(rows)` turns rows of segments into example arrays. Batches also carry
   `record_ids` [rows, seq_len]: the record (index into `records`) of each token, -1 for padding.
   """
 
@@ -330,7 +356,7 @@ class TrainStream:
   def _segments(self, j, k):
     i = self.record_at(j + k * self.key['batch_size'])
     dropped = []
-    segments = self.tokenize(*self.records[i], dropped)
+    segments = self.tokenize(self.records, i, dropped)
     self.dropped[j] += len(dropped)
     return segments, i
 

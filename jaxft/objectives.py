@@ -282,20 +282,22 @@ class Objective:
     the run naming it, or with data.on_error='skip' is left out and listed in `skipped`
     (records.skipped, those the reader left out, are not repeated there)."""
     good = data.Records()
-    for rec, where in records:
+    for i in range(len(records)):
       with data.bad_records(data_cfg.on_error, good.skipped):
+        rec, where = records[i]  # data.SourceRecords read (and may fail) here.
         self.fields(rec, where, data_cfg)
         good.append((rec, where))
     return good
 
   def _tokenizer(self, tok, data_cfg):
-    """(record, where, dropped, skipped=dropped) -> segments. A record without supervision
-    is appended to `dropped` (or stops the run, per data.drop_unsupervised); a bad one raises or,
-    with data.on_error='skip', has its message appended to `skipped`."""
+    """(records, i, dropped, skipped=dropped) -> segments of records[i]. A record without
+    supervision is appended to `dropped` (or stops the run, per data.drop_unsupervised); a bad one
+    raises or, with data.on_error='skip', has its message appended to `skipped`."""
     data_cfg = types.SimpleNamespace(**data_cfg)  # Read per record: ConfigDict lookups are slow.
 
-    def segments(rec, where, dropped, skipped=None):
+    def segments(records, i, dropped, skipped=None):
       with data.bad_records(data_cfg.on_error, dropped if skipped is None else skipped):
+        rec, where = records[i]
         return self.segments(self.fields(rec, where, data_cfg), where, tok, data_cfg, dropped)
       return []
     return segments
@@ -307,7 +309,7 @@ class Objective:
     """All of `records`, in order, as Encoded example arrays (evaluation splits, tests)."""
     good = self.check(records, data_cfg)
     dropped, tokenize = [], self._tokenizer(tok, data_cfg)
-    get = lambda k: (tokenize(*good[k], dropped, good.skipped), good[k][1]) if k < len(good) \
+    get = lambda k: (tokenize(good, k, dropped, good.skipped), good[k][1]) if k < len(good) \
         else None
     packer = data.Packer(get, data_cfg.seq_len, self._packing(data_cfg), len(good))
     rows = list(iter(packer.row, []))
@@ -319,7 +321,8 @@ class Objective:
                    good.skipped)
 
   def stream(self, records, tok, data_cfg, batch_size, seed, process=None):
-    """The train split's data.TrainStream: checked records, tokenized as they are drawn."""
+    """The train split's data.TrainStream: records (checked, or data.SourceRecords checked as
+    read), tokenized as they are drawn."""
     return data.TrainStream(records, self._tokenizer(tok, data_cfg),
                             lambda rows: self.arrays(rows, data_cfg.seq_len, tok.pad_id),
                             data_cfg.seq_len, self._packing(data_cfg), batch_size, seed, process)

@@ -195,12 +195,15 @@ def prepare_splits(cfg, objective, tok, workdir=None):
   (data.on_error='skip') are counted there and listed in <workdir>/skipped_records.txt."""
   records, examples, skipped = {}, {}, []
   for split, recs in data.load_splits(cfg.data, cfg.seed).items():
-    good = records[split] = objective.check(recs, cfg.data)
-    bad = recs.skipped + good.skipped
+    # A dataset's train split is read as drawn too: each process reads only its records.
+    lazy = split == 'train' and recs.lazy
+    good = records[split] = recs if lazy else objective.check(recs, cfg.data)
+    bad = recs.skipped + ([] if lazy else good.skipped)
     if split == 'train':
       rows = data.process_rows(cfg.train.batch_size)
-      line = (f'{len(good)} records, tokenized as drawn (this process: rows '
-              f'{rows.start}..{rows.stop - 1} of each batch of {cfg.train.batch_size})')
+      line = (f'{len(good)} records, {"read, checked and " if lazy else ""}tokenized as drawn '
+              f'(this process: rows {rows.start}..{rows.stop - 1} of each batch of '
+              f'{cfg.train.batch_size})')
     else:
       ex = examples[split] = objective.encode(good, tok, cfg.data)
       objectives.audit(ex, split)

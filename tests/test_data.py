@@ -167,27 +167,39 @@ def test_epochs_cover_every_record_once_and_reshuffle():
 
 
 def test_processes_share_the_batch_and_tokenize_only_their_rows():
-  """2 processes get the 1-process batch's halves, tokenize only their own records, and a
-  position saved by both resumes a single process (and the reverse)."""
-  def tokenized(s):
-    seen, real = collections.Counter(), s.tokenize
-    s.tokenize = lambda rec, where, *rest: seen.update([where]) or real(rec, where, *rest)
-    return seen
+  """2 processes get the 1-process batch's halves, read (from a random-access dataset) and
+  tokenize only their own records, and a position saved by both resumes a single process (and
+  the reverse)."""
+  class Counting(list):
+    """A random-access source (as TFDS / datasets give) that counts the reads of each record."""
+    def __init__(self, items):
+      super().__init__(items)
+      self.reads = collections.Counter()
 
-  one = stream('next_token', data__seq_len=32)
-  halves = [stream('next_token', data__seq_len=32, process=(2, p)) for p in (0, 1)]
-  seen = [tokenized(s) for s in [one] + halves]
-  for _ in range(6):
+    def __getitem__(self, i):
+      self.reads[i] += 1
+      return super().__getitem__(i)
+
+  sources = [Counting([r for r, _ in DEMO]) for _ in range(3)]
+  one, *halves = [stream('next_token', data.SourceRecords(s, 'mem'), data__seq_len=32,
+                         process=p) for s, p in zip(sources, [None, (2, 0), (2, 1)])]
+  assert not any(s.reads for s in sources)  # Nothing is read before it is drawn.
+  for _ in range(2):
     whole, parts = next(one), [next(h) for h in halves]
     for k in whole:
       np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]), err_msg=k)
-  # Each process tokenized its own records (once per draw), together exactly the one's draws.
-  assert seen[0] == seen[1] + seen[2] and seen[1].total() > 30 and seen[2].total() > 30
+  # Each process read its own records (once per draw), together exactly the one's reads.
+  reads = [s.reads for s in sources]
+  assert reads[0] == reads[1] + reads[2] and 10 < reads[1].total() < 0.6 * reads[0].total()
+  for _ in range(4):
+    whole, parts = next(one), [next(h) for h in halves]
+    np.testing.assert_array_equal(whole['record_ids'], np.concatenate([p['record_ids'] for p in parts]))
   state = {**halves[0].get_state(), 'slots': sum((h.get_state()['slots'] for h in halves), [])}
   assert state['slots'] == one.get_state()['slots']
-  resumed = stream('next_token', data__seq_len=32)
+  resumed = stream('next_token', data.SourceRecords(sources[0], 'mem'), data__seq_len=32)
   resumed.set_state(state)
-  back = stream('next_token', data__seq_len=32, process=(2, 1))
+  back = stream('next_token', data.SourceRecords(sources[0], 'mem'), data__seq_len=32,
+                process=(2, 1))
   back.set_state(one.get_state())
   for _ in range(3):
     whole, again, half = next(one), next(resumed), next(back)

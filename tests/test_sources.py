@@ -61,7 +61,7 @@ def test_trains_classification_on_a_tfds_dataset(tfds_dir, tmp_path, capsys):
                         data__test='tfds:jaxft_tiny', data__tfds_data_dir=tfds_dir,
                         data__seq_len=16, train__steps=3))
   out = capsys.readouterr().out
-  assert 'train (classification): 40 records' in out
+  assert 'train (classification): 40 records, read, checked and tokenized as drawn' in out
   assert 'val (classification): 10 records -> 10 rows' in out
   summary = json.load(open(os.path.join(wd, 'summary.json')))
   assert sum(map(sum, summary['test']['confusion'])) == 10  # Every test record scored once.
