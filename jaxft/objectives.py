@@ -50,8 +50,8 @@ def _unsupervised(where, why, data_cfg, dropped):
 
 
 # Each objective reads a record in two steps: `fields` checks what it needs (cheap, no tokenizing:
-# every record is checked before training starts), `segments` tokenizes (train records only when
-# they are drawn). An LM segment is (inputs, targets, loss mask) token lists, at most seq_len
+# records from files are all checked before training starts, a dataset's train records as they
+# are read), `segments` tokenizes (train records only when they are drawn). An LM segment is (inputs, targets, loss mask) token lists, at most seq_len
 # long; a classification segment is (tokens, label).
 
 def _text_field(rec, where, data_cfg):
