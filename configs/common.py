@@ -32,6 +32,16 @@ def get_config(arg=None):
   c.model.vocab_multiple = 128  # Pad the vocab to a multiple of this: MXU/tensor-parallel friendly.
   c.model.dropout = 0.0  # Residual, attention and embedding dropout; 0 for fine-tuning small data.
   c.model.dtype = 'float32'  # Compute dtype ('bfloat16' halves activation memory); params stay fp32.
+  # Speed and memory switches: none changes the result beyond float rounding (tests/test_switches.py).
+  c.model.attention = 'einsum'  # 'einsum' (explicit softmax), 'causal_blocks' (skips the masked
+  # upper triangle: faster on CPU) or 'dot_product' (jax.nn.dot_product_attention: cuDNN flash
+  # attention on GPU with bfloat16; no attention dropout).
+  c.model.attention_block = 64  # causal_blocks: queries per block (seq_len a multiple of it).
+  c.model.remat = 'none'  # Recompute activations in backward: a jax.checkpoint_policies name, e.g.
+  # 'nothing_saveable' (least memory), 'dots_with_no_batch_dims_saveable' (keeps matmul outputs).
+  c.model.scan_layers = False  # Trace one block and scan it over the layers: compile time flat in depth.
+  c.model.loss_chunk = 0  # LM loss over this many tokens at a time (logits recomputed in backward):
+  # no full [batch, length, vocab] float32 logits; 0 = all at once.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Pure data parallel replicas; -1 takes the devices left over.
@@ -87,6 +97,7 @@ def get_config(arg=None):
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95  # GPT-3/nanoGPT value; more stable than 0.999 at small batch.
   c.optim.eps = 1e-8
+  c.optim.moments_dtype = 'float32'  # 'bfloat16' keeps AdamW's mu, nu in bf16: half the memory (b2 <= 0.99).
   c.optim.weight_decay = 0.1
   # Params whose path matches get no weight decay: biases, LayerNorms and embeddings.
   c.optim.no_decay = r'(bias|ln_\w+|wte|wpe)'

@@ -1,31 +1,73 @@
-"""Benchmark the train step: tokens/s, step time, model FLOP/s and peak memory for a config.
+"""Benchmark the train step: tokens/s, step time, compile time, MFU and memory for any config.
 
     python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
+        [--warmup=2] [--compare-hf] [--json=out.json]
     python -m jaxft.bench --config=configs/demo.py --decode [--batch=1 --prompt-len=64 --new=64]
 
-The train step runs on random text encoded by the run's objective into full rows; the input
-pipeline (`input`: reading and checking the records, then the TrainStream's batches, tokenized
-and packed as drawn) is measured apart on the config's own data, with its speed relative to
-training's (`input_vs_train`: batches delivered per batch trained). Prints one JSON line.
+The train step runs on random text encoded by the run's objective into full rows. Step times are
+the median and spread of `--steps` timed steps after `--warmup` untimed ones; compilation is
+timed on its own. MFU counts 6N + 12LHQT FLOPs per token (PaLM, appendix B) over the device's
+peak: a datasheet figure on GPU/TPU, a matmul probe run here on CPU. `--compare-hf` trains
+transformers' GPT2LMHeadModel (GPT2ForSequenceClassification for classification) with torch
+AdamW on the same architecture, batch and dtype in the same process, alternating rounds of steps
+with jaxft's so that both see the same machine, and prints the ratio. The input pipeline (`input`:
+reading and checking the records, then the TrainStream's batches, tokenized and packed as drawn)
+is measured apart on the config's own data, relative to training (`input_vs_train`: batches
+delivered per batch trained). Prints a summary and one JSON line (also written to --json).
 """
 import json
 import resource
-import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxft import config as config_lib, data, evaluate, generate, model as model_lib, objectives, \
     optim, sharding, tokenizer as tokenizer_lib, train
 
+# Dense bf16 peak FLOP/s per chip from the vendors' datasheets, by jax device_kind substring
+# (longest match wins). float32 compute is counted against half of it (TF32 on NVIDIA tensor
+# cores, bf16 passes on TPU).
+DATASHEET_PEAK = {
+    'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e12, 'L4': 121e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
+}
 
-def step_flops(model_cfg, batch, seq_len):
-  """Matmul FLOPs of one train step (forward + backward = 3x forward), as in the PaLM appendix."""
-  D, F, L, V = model_cfg.embed_dim, model_cfg.mlp_dim, model_cfg.num_layers, model_cfg.vocab_size
-  per_token = L * (2 * 4 * D * D + 2 * 2 * D * F + 2 * 2 * seq_len * D) + 2 * D * V
-  return 3 * per_token * batch * seq_len
+
+def flops_per_token(model_cfg, n_matmul_params, seq_len):
+  """(FLOPs, formula text): 6N + 12·L·H·Q·T for one trained token (forward + backward); N counts
+  the parameters that multiply activations (not the wpe lookup table; wte only as the LM head)."""
+  L, H, Q, T = model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim, seq_len
+  flops = 6 * n_matmul_params + 12 * L * H * Q * T
+  return flops, (f'6N + 12LHQT = 6*{n_matmul_params:,} + 12*{L}*{H}*{Q}*{T} '
+                 f'= {flops / 1e6:,.1f} MFLOP per token')
+
+
+def matmul_probe(dtype, n=2048, repeats=5):
+  """Best FLOP/s of an n x n x n jitted matmul on the first device, in the compute dtype."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(mm(a, a))
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a, a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def device_peak(dtype):
+  """(peak FLOP/s, where the figure comes from) for the first device and compute dtype."""
+  kind = jax.devices()[0].device_kind
+  known = [k for k in DATASHEET_PEAK if k in kind]
+  if known:
+    peak = DATASHEET_PEAK[max(known, key=len)]
+    return (peak if dtype == 'bfloat16' else peak / 2), f'datasheet ({kind}, {dtype})'
+  # CPUs (and chips not in the table): measured, all cores of this process.
+  return matmul_probe(jnp.dtype(dtype)), f'matmul probe ({kind}, {dtype}, 2048^3)'
 
 
 def synthetic_batch(objective, tok, data_cfg, batch_size):
@@ -42,37 +84,147 @@ def synthetic_batch(objective, tok, data_cfg, batch_size):
   return {k: v[:batch_size] for k, v in objective.encode(records, tok, data_cfg).items()}
 
 
-def bench(cfg, steps):
+def jax_trainer(cfg):
+  """(model config, matmul params, step() running one blocking train step, compile report)."""
   mesh = sharding.make_mesh(cfg.mesh)
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   model_cfg = objectives.model_config(cfg, tok)
-  tx, lr = optim.build(cfg.optim, cfg.train.steps)
-  graphdef, _, _, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
-  state = init_fn()
-  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum)
-  B, T = cfg.train.batch_size, cfg.data.seq_len
-  batch = sharding.shard_batch(synthetic_batch(objective, tok, cfg.data, B), mesh)
+  tx, lr = optim.build(cfg.optim, cfg.train.steps, train.trainable_fn(cfg, objective))
+  graphdef, abstract, _, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
+  sizes = {model_lib.path_str(p): x.size
+           for p, x in jax.tree_util.tree_leaves_with_path(abstract['params'])}
+  unused = {'wpe'} | ({'wte'} if objective.has_head else set())  # Lookups, not matmuls.
+  n_matmul = sum(n for k, n in sizes.items() if k not in unused)
+  state = [init_fn()]
+  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum,
+                                  train.trainable_fn(cfg, objective))
+  batch = sharding.shard_batch(synthetic_batch(objective, tok, cfg.data, cfg.train.batch_size),
+                               mesh)
   t0 = time.perf_counter()
-  state, metrics = step_fn(state, batch)
-  jax.block_until_ready(metrics)
+  compiled = step_fn.lower(state[0], batch).compile()
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step_fn(state, batch)
-  jax.block_until_ready(metrics)
-  step_s = (time.perf_counter() - t0) / steps
-  flops = step_flops(model_cfg, B, T)
+  mem = compiled.memory_analysis()
+  step_bytes = None if mem is None else (
+      mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes)
+
+  def step():
+    state[0], metrics = compiled(state[0], batch)
+    return float(metrics['loss'])  # Blocks until the step has run.
+
+  return model_cfg, n_matmul, step, {'mesh': dict(mesh.shape), 'compile_s': round(compile_s, 2),
+                                     'step_memory_bytes': step_bytes}
+
+
+def torch_trainer(cfg, model_cfg, has_head):
+  """step() running one blocking train step of transformers' GPT-2 of the same shape with torch
+  AdamW (same hyperparameters, clipping, dtype and batch of random tokens)."""
+  import torch
+  import transformers
+  hf_cfg = transformers.GPT2Config(
+      vocab_size=model_cfg.vocab_size, n_positions=model_cfg.max_len, n_embd=model_cfg.embed_dim,
+      n_layer=model_cfg.num_layers, n_head=model_cfg.num_heads, n_inner=model_cfg.mlp_dim,
+      activation_function='gelu_new', layer_norm_epsilon=model_cfg.ln_eps,
+      resid_pdrop=model_cfg.dropout, embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout,
+      num_labels=max(model_cfg.num_labels, 1), pad_token_id=0, bos_token_id=0, eos_token_id=0)
+  torch.manual_seed(0)
+  cls = (transformers.GPT2ForSequenceClassification if has_head else
+         transformers.GPT2LMHeadModel)
+  model = cls(hf_cfg).train()
+  o = cfg.optim
+  opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
+                          weight_decay=o.weight_decay)
+  B, T = cfg.train.batch_size, cfg.data.seq_len
+  tokens = torch.randint(1, model_cfg.tokenizer_vocab or model_cfg.vocab_size, (B, T))
+  labels = torch.zeros(B, dtype=torch.long) if has_head else tokens
+  bf16 = model_cfg.dtype == 'bfloat16'
+
+  def step():
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+      loss = model(input_ids=tokens, labels=labels).loss
+    loss.backward()
+    if o.clip_norm:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  return step, {'torch': torch.__version__, 'transformers': transformers.__version__,
+                'torch_threads': torch.get_num_threads()}
+
+
+def step_stats(times, tokens_per_step):
+  t = np.asarray(times)
+  return {'step_s_median': round(float(np.median(t)), 4),
+          'step_s_p10': round(float(np.percentile(t, 10)), 4),
+          'step_s_p90': round(float(np.percentile(t, 90)), 4),
+          'step_s_min': round(float(t.min()), 4), 'step_s_max': round(float(t.max()), 4),
+          'tokens_per_s': round(tokens_per_step / float(np.median(t)), 1)}
+
+
+def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3):
+  """Train-step figures for `cfg` (and transformers + torch on the same shapes)."""
+  objective = objectives.get(cfg.objective)
+  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg)
+  B, T = cfg.train.batch_size, cfg.data.seq_len
+  flops, formula = flops_per_token(model_cfg, n_matmul, T)
+  peak, peak_source = device_peak(model_cfg.dtype)
+  steppers = {'jaxft': jax_step}
+  if compare_hf:
+    steppers['hf_torch'], report['hf_versions'] = torch_trainer(cfg, model_cfg, objective.has_head)
+  times = {name: [] for name in steppers}
+  for name, step in steppers.items():
+    for _ in range(warmup):
+      step()
+  # Alternating rounds: slow phases of a shared machine hit both trainers alike.
+  per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+  for n in per_round:
+    for name, step in steppers.items():
+      for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times[name].append(time.perf_counter() - t0)
+  stats = {name: step_stats(t, B * T) for name, t in times.items()}
   mem = jax.devices()[0].memory_stats() or {}
-  return {
-      'platform': jax.devices()[0].platform, 'devices': jax.device_count(),
-      'mesh': dict(mesh.shape), 'model': model_cfg.__dict__,
-      'batch_size': B, 'seq_len': T, 'grad_accum': cfg.train.grad_accum,
-      'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
-      'tokens_per_s': round(B * T / step_s, 1), 'model_tflops_per_s': round(flops / step_s / 1e12, 4),
+  result = {
+      'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
+      'devices': jax.device_count(),
+      'model': model_cfg.__dict__, 'objective': cfg.objective, 'batch_size': B, 'seq_len': T,
+      'grad_accum': cfg.train.grad_accum, 'steps': steps, 'warmup': warmup, **report,
+      **stats['jaxft'], 'flops_per_token': flops, 'mfu_formula': formula,
+      'peak_flops': round(peak), 'peak_source': peak_source,
+      'model_tflops_per_s': round(stats['jaxft']['tokens_per_s'] * flops / 1e12, 4),
+      'mfu': round(stats['jaxft']['tokens_per_s'] * flops / peak, 4),
       'peak_device_bytes': mem.get('peak_bytes_in_use'),
       'peak_host_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
+  if compare_hf:
+    hf = stats['hf_torch']
+    result['hf_torch'] = {**hf, 'mfu': round(hf['tokens_per_s'] * flops / peak, 4)}
+    result['jaxft_vs_hf'] = round(stats['jaxft']['tokens_per_s'] / hf['tokens_per_s'], 3)
+  return result
+
+
+def describe(r):
+  """The human-readable summary of a bench result."""
+  m = r['model']
+  lines = [
+      f"{r['platform']} ({r['device_kind']}) x{r['devices']}, mesh {r['mesh']}; "
+      f"{r['objective']}: L={m['num_layers']} H={m['num_heads']} D={m['embed_dim']} "
+      f"V={m['vocab_size']} {m['dtype']}, batch {r['batch_size']} x seq {r['seq_len']}",
+      f"compile {r['compile_s']} s; step memory {r['step_memory_bytes']} bytes "
+      f"(arguments + temporaries + outputs); peak host RSS {r['peak_host_rss_mb']} MB",
+      f"MFU formula: {r['mfu_formula']}; peak {r['peak_flops'] / 1e12:.3f} TFLOP/s from "
+      f"{r['peak_source']}"]
+  rows = [('jaxft', r)] + ([('hf+torch', r['hf_torch'])] if 'hf_torch' in r else [])
+  for name, s in rows:
+    lines.append(f"{name:9s} {s['tokens_per_s']:>10,.1f} tokens/s  step {s['step_s_median']:.4f} s "
+                 f"median (p10 {s['step_s_p10']:.4f}, p90 {s['step_s_p90']:.4f}, "
+                 f"{r['steps']} steps)  MFU {s['mfu']:.1%}")
+  if 'jaxft_vs_hf' in r:
+    lines.append(f"jaxft / hf+torch tokens/s: {r['jaxft_vs_hf']:.3f}x")
+  return '\n'.join(lines)
 
 
 def bench_input(cfg, batches=200):
@@ -132,27 +284,34 @@ def bench_decode(cfg, batch, prompt_len, new):
 
 
 def main(argv):
-  opts = {'steps': 20, 'batch': 1, 'prompt-len': 64, 'new': 64}
-  rest, decode = [], False
+  opts = {'steps': 20, 'warmup': 2, 'batch': 1, 'prompt-len': 64, 'new': 64, 'json': ''}
+  flags = {'decode': False, 'compare-hf': False, 'no-input': False}
+  rest = []
   for a in argv:
     name, _, value = a[2:].partition('=')
-    if a == '--decode':
-      decode = True
+    if a[2:] in flags:
+      flags[a[2:]] = True
     elif name in opts:
-      opts[name] = int(value)
+      opts[name] = value if name == 'json' else int(value)
     else:
       rest.append(a)
   cfg, _ = config_lib.parse_args(rest)
-  if decode:
-    print(json.dumps(bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])))
+  if flags['decode']:
+    result = bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])
   else:
-    result = bench(cfg, opts['steps'])
-    result['input'] = bench_input(cfg)
-    # How many times faster than training consumes them the input path delivers batches
-    # (records tokenized and packed on the fly, as in training).
-    result['input_vs_train'] = round(result['input']['batches_per_s'] * result['step_s'], 1)
-    print(json.dumps(result))
+    result = bench(cfg, opts['steps'], opts['warmup'], flags['compare-hf'])
+    print(describe(result), flush=True)
+    if not flags['no-input']:
+      result['input'] = bench_input(cfg)
+      # How many times faster than training consumes them the input path delivers batches
+      # (records tokenized and packed on the fly, as in training).
+      result['input_vs_train'] = round(result['input']['batches_per_s'] * result['step_s_median'],
+                                       1)
+  if opts['json']:
+    epath.Path(opts['json']).write_text(json.dumps(result, indent=1))
+  print(json.dumps(result))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  from jaxft import cli
+  cli.run(main)

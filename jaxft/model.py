@@ -9,10 +9,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxft.config import ConfigError
 
+ATTENTION = ('einsum', 'causal_blocks', 'dot_product')
 HEAD = 'score'  # The classification head: the one param only some objectives have.
 
 # Named sizes: (num_layers, num_heads, embed_dim, max_len). Vocab comes from the tokenizer.
@@ -36,6 +38,12 @@ class GPTConfig:
   dropout: float = 0.0
   ln_eps: float = 1e-5
   dtype: str = 'float32'  # Compute dtype; parameters are always float32.
+  # Speed and memory switches (configs/common.py says when each helps); none changes the math.
+  attention: str = 'einsum'  # 'einsum', 'causal_blocks' or 'dot_product'.
+  attention_block: int = 64  # causal_blocks: queries per block.
+  remat: str = 'none'  # 'none' or a jax.checkpoint_policies name, per block.
+  scan_layers: bool = False  # One traced block scanned over the stacked layer params.
+  loss_chunk: int = 0  # Tokens per chunk of LM-head logits in the loss; 0 = all at once.
   tokenizer_vocab: int = 0  # Ids the tokenizer uses; logits of the padding ids beyond are masked.
   num_labels: int = 0  # > 0 adds the classification head `score` (HF GPT2ForSequenceClassification).
 
@@ -60,10 +68,22 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
     vocab = -(-tokenizer_vocab_size // m) * m
   if vocab < tokenizer_vocab_size:
     raise ConfigError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
+  if model_cfg.attention not in ATTENTION:
+    raise ConfigError(f'unknown model.attention {model_cfg.attention!r}; known: '
+                      f'{", ".join(ATTENTION)}')
+  if model_cfg.attention == 'dot_product' and model_cfg.dropout:
+    raise ConfigError("model.attention='dot_product' has no dropout on attention probabilities; "
+                      "set model.dropout=0 or model.attention='einsum'")
+  if model_cfg.remat != 'none' and not hasattr(jax.checkpoint_policies, model_cfg.remat):
+    raise ConfigError(f'unknown model.remat {model_cfg.remat!r}; known: none, ' + ', '.join(
+        p for p in dir(jax.checkpoint_policies) if p.endswith('saveable')))
   return GPTConfig(vocab_size=vocab, tokenizer_vocab=tokenizer_vocab_size, num_layers=layers,
                    num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
-                   dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels)
+                   dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels,
+                   attention=model_cfg.attention, attention_block=model_cfg.attention_block,
+                   remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
+                   loss_chunk=model_cfg.loss_chunk)
 
 
 def path_str(key_path):
@@ -128,14 +148,32 @@ class Attention(nnx.Module):
 
   def attend(self, q_BLHK, k_BMHK, v_BMHK, mask_B1LM, key):
     """Attention of L queries over M keys (M = L in training, the KV cache when decoding)."""
+    how, c = self.cfg.attention, self.cfg.attention_block
+    L, M = q_BLHK.shape[1], k_BMHK.shape[1]
+    if how == 'dot_product':  # cuDNN flash attention on GPU (bf16), XLA's elsewhere.
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BMHK, v_BMHK, mask=mask_B1LM,
+                                              is_causal=L == M)
+    elif how == 'causal_blocks' and L == M and L > c and L % c == 0:
+      # Query block i only sees keys [0, (i + 1) c): the masked-out upper triangle of blocks is
+      # never computed (L = 4c does 10/16 of the work).
+      keys = jax.random.split(key, L // c) if key is not None else [None] * (L // c)
+      out_BLHK = jnp.concatenate([self.softmax_attention(
+          q_BLHK[:, i * c:(i + 1) * c], k_BMHK[:, :(i + 1) * c], v_BMHK[:, :(i + 1) * c],
+          mask_B1LM[:, :, i * c:(i + 1) * c, :(i + 1) * c], keys[i]) for i in range(L // c)], 1)
+    else:
+      out_BLHK = self.softmax_attention(q_BLHK, k_BMHK, v_BMHK, mask_B1LM, key)
+    dt = q_BLHK.dtype
+    return jnp.einsum('blhk,hkd->bld', out_BLHK, self.c_proj_kernel[...].astype(dt)) + \
+        self.c_proj_bias[...].astype(dt)
+
+  def softmax_attention(self, q_BLHK, k_BMHK, v_BMHK, mask_B1LM, key):
+    """softmax(q k^T / sqrt(head_dim)) v with fp32 scores, masked, dropout on the probabilities."""
     dt = q_BLHK.dtype
     scores_BHLM = jnp.einsum('blhk,bmhk->bhlm', q_BLHK, k_BMHK).astype(jnp.float32)
     scores_BHLM = jnp.where(mask_B1LM, scores_BHLM / math.sqrt(self.cfg.head_dim), -1e30)
     probs_BHLM = jax.nn.softmax(scores_BHLM, axis=-1).astype(dt)
     probs_BHLM = _dropout(probs_BHLM, self.cfg.dropout, key)
-    out_BLHK = jnp.einsum('bhlm,bmhk->blhk', probs_BHLM, v_BMHK)
-    return jnp.einsum('blhk,hkd->bld', out_BLHK, self.c_proj_kernel[...].astype(dt)) + \
-        self.c_proj_bias[...].astype(dt)
+    return jnp.einsum('bhlm,bmhk->blhk', probs_BHLM, v_BMHK)
 
   def __call__(self, x_BLD, mask_B1LL, key):
     return self.attend(*self.project(x_BLD), mask_B1LL, key)
@@ -205,8 +243,25 @@ class GPT(nnx.Module):
             if dropout_key is not None and self.cfg.dropout > 0 else [None] * (self.cfg.num_layers + 1))
     x_BLD = self.wte[...][tokens_BL] + self.wpe[...][positions_BL]
     x_BLD = _dropout(x_BLD.astype(dt), self.cfg.dropout, keys[-1])
-    for block, key in zip(self.h, keys):
-      x_BLD = block(x_BLD, mask_B1LL, key)
+    call = lambda block, x_BLD, key: block(x_BLD, mask_B1LL, key)
+    if self.cfg.remat != 'none':  # Keep what the policy saves; recompute the rest in backward.
+      call = nnx.remat(call, policy=getattr(jax.checkpoint_policies, self.cfg.remat))
+    if self.cfg.scan_layers:
+      # The layer params stacked [layers, ...] (a copy per step) and one block traced: compile
+      # time no longer grows with depth. Parameters keep their per-layer layout everywhere else.
+      graphdef = nnx.graphdef(self.h[0])
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.h])
+      step_keys = (jnp.stack(keys[:-1]) if keys[-1] is not None
+                   else jnp.zeros((self.cfg.num_layers,), jnp.uint32))
+
+      def body(x_BLD, layer):
+        state, key = layer
+        return call(nnx.merge(graphdef, state), x_BLD,
+                    key if keys[-1] is not None else None), None
+      x_BLD, _ = jax.lax.scan(body, x_BLD, (stacked, step_keys))
+    else:
+      for block, key in zip(self.h, keys):
+        x_BLD = call(block, x_BLD, key)
     return self.ln_f(x_BLD)
 
   def init_cache(self, batch, slots):
@@ -238,14 +293,30 @@ class GPT(nnx.Module):
     return self.ln_f(x_BLD), new_cache
 
   def logits(self, hidden_BLD):
-    """Tied LM head, float32 logits [batch, length, vocab]; padding ids (>= tokenizer_vocab) get
+    """Tied LM head, float32 logits [batch, length, vocab] (or [tokens, vocab]); padding ids (>= tokenizer_vocab) get
     -1e9, so the padded vocab changes no probability (and HF exports can drop those rows)."""
-    logits_BLV = jnp.einsum('bld,vd->blv', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
+    logits_BLV = jnp.einsum('...d,vd->...v', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
                             preferred_element_type=jnp.float32)
     if 0 < self.cfg.tokenizer_vocab < self.cfg.vocab_size:
       logits_BLV = jnp.where(jnp.arange(self.cfg.vocab_size) < self.cfg.tokenizer_vocab,
                              logits_BLV, -1e9)
     return logits_BLV
+
+  def token_losses(self, hidden_BLD, targets_BL):
+    """Next-token cross-entropy [batch, length] from the final hidden states. With cfg.loss_chunk
+    the [tokens, vocab] logits exist loss_chunk tokens at a time and are recomputed in the
+    backward pass, so full float32 logits (B*L*V*4 bytes) are never held."""
+    ce = lambda h_NxD, t_N: optax.softmax_cross_entropy_with_integer_labels(
+        self.logits(h_NxD), t_N)
+    n = self.cfg.loss_chunk
+    B, L, D = hidden_BLD.shape
+    if not n or n >= B * L:
+      return ce(hidden_BLD, targets_BL)
+    pad = -(B * L) % n
+    h_CND = jnp.pad(hidden_BLD.reshape(B * L, D), ((0, pad), (0, 0))).reshape(-1, n, D)
+    t_CN = jnp.pad(targets_BL.reshape(B * L), (0, pad)).reshape(-1, n)
+    ce_CN = jax.lax.map(lambda ht: jax.checkpoint(ce)(*ht), (h_CND, t_CN))
+    return ce_CN.reshape(-1)[:B * L].reshape(B, L)
 
   def classify(self, hidden_BLD, last_B):
     """Float32 class logits [batch, labels] from the hidden state at index last_B of each row."""

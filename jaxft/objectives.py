@@ -209,8 +209,7 @@ def _hidden(model, batch, dropout_key):
 
 def token_losses(model, batch, dropout_key=None):
   """Per-token next-token cross-entropy [batch, length], zero where the loss mask is."""
-  logits_BLV = model.logits(_hidden(model, batch, dropout_key))
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets']) * \
+  return model.token_losses(_hidden(model, batch, dropout_key), batch['targets']) * \
       batch['loss_mask']
 
 

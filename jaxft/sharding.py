@@ -26,6 +26,13 @@ RULES = (
     ('kv', None),
 )
 
+# ... plus one rule for FSDP: a parameter (or AdamW moment) whose RULES spec leaves 'fsdp' unused
+# (the attention and MLP biases, over heads / kv / mlp) is also split over 'fsdp', on its largest
+# dimension that divides, so that each device holds 1/N of the params + optimizer state and no
+# replicated remainder. This cannot be a RULES entry: nnx looks each logical axis up on its own,
+# so 'mlp' -> ('tensor', 'fsdp') would name 'fsdp' twice in c_fc_kernel ('embed', 'mlp').
+# An array none of whose dimensions divides keeps its RULES spec: it is a few numbers.
+
 
 def make_mesh(mesh_cfg, devices=None):
   """Mesh of shape (data, fsdp, tensor) from config; one -1 entry takes the remaining devices."""
@@ -59,18 +66,46 @@ def logical_to_spec(axes):
   return P(*(table[a] if a is not None else None for a in axes))
 
 
+def mesh_axes(entry):
+  """One PartitionSpec entry (None, 'fsdp' or ('data', 'fsdp')) as a tuple of mesh axes."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def with_fsdp(spec, shape, mesh):
+  """The FSDP rule under RULES: `spec` with 'fsdp' added to the largest (per device) dimension of
+  `shape` that divides, unless 'fsdp' is already used or has size 1."""
+  n = mesh.shape['fsdp']
+  parts = list(spec) + [None] * (len(shape) - len(spec))
+  if n == 1 or any('fsdp' in mesh_axes(p) for p in parts):
+    return spec
+  split = [math.prod(mesh.shape[a] for a in mesh_axes(p)) for p in parts]
+  fits = [i for i, size in enumerate(shape) if size % (split[i] * n) == 0]
+  if not fits:
+    return spec
+  i = max(fits, key=lambda i: shape[i] // split[i])
+  # 'fsdp' last (minor): an all-gather over it alone gives back the RULES (e.g. 'tensor') layout.
+  parts[i] = mesh_axes(parts[i]) + ('fsdp',) if parts[i] else 'fsdp'
+  return P(*parts)
+
+
 def state_shardings(abstract_state, mesh):
-  """NamedShardings for a (possibly abstract) state tree, from each Param's logical axes.
+  """NamedShardings for a (possibly abstract) state tree, from each Param's logical axes through
+  RULES and the FSDP rule under it.
 
   Fails up front, naming the parameter, if a dimension does not divide over its mesh axes.
   """
   with activate(mesh):
     shardings = nnx.get_named_sharding(abstract_state, mesh)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  shardings = jax.tree.map(  # Annotated Variables: params and the moments that mirror them.
+      lambda x, sh: sh.replace(NamedSharding(mesh, with_fsdp(sh.get_value().spec, x.shape, mesh)))
+      if is_var(x) and x.get_metadata().get('out_sharding') else sh,
+      abstract_state, shardings, is_leaf=is_var)
   bad = []
   flat = jax.tree_util.tree_leaves_with_path(abstract_state)
   for (path, x), sh in zip(flat, jax.tree.leaves(shardings)):
     for size, axes in zip(x.shape, sh.spec):
-      n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+      n = math.prod(mesh.shape[a] for a in mesh_axes(axes))
       if size % n:
         bad.append((jax.tree_util.keystr(path), size, axes, n))
   if bad:  # Name a param rather than its optimizer moments.

@@ -1,9 +1,12 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import small_config
 from jaxft import optim
+from jaxft.config import ConfigError
 from test_sharding import run_steps
 
 
@@ -53,3 +56,28 @@ def test_weight_decay_mask_excludes_bias_layernorm_embeddings():
   decayed = sorted(model_lib.path_str(p) for p, m in flat.items() if m)
   assert decayed == sorted(f'h/{i}/{n}' for i in range(2) for n in (
       'attn/c_attn_kernel', 'attn/c_proj_kernel', 'mlp/c_fc_kernel', 'mlp/c_proj_kernel'))
+
+
+def moments(opt_state):
+  """AdamW's first and second moments in the optimizer state."""
+  return {k: optax.tree.get(opt_state, k) for k in ('mu', 'nu')}
+
+
+def test_bf16_moments_halve_optimizer_memory_and_track_fp32():
+  """optim.moments_dtype='bfloat16' stores mu and nu in bf16 (still so after updates), in half the
+  bytes, with fp32 params, and 5 steps give the fp32 run's losses to 0.1%."""
+  fp32 = run_steps(small_config(), jax.devices(), num_steps=5)
+  bf16 = run_steps(small_config(optim__moments_dtype='bfloat16'), jax.devices(), num_steps=5)
+  for (_, state, _), dtype in ((fp32, np.float32), (bf16, jnp.bfloat16)):
+    for name, tree in moments(state['opt_state']).items():
+      assert {x.dtype for x in jax.tree.leaves(tree)} == {np.dtype(dtype)}, name
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16[1]['params']))
+  nbytes = lambda run: sum(x.nbytes for x in jax.tree.leaves(moments(run[1]['opt_state'])))
+  assert nbytes(bf16) * 2 == nbytes(fp32), (nbytes(bf16), nbytes(fp32))
+  np.testing.assert_allclose(bf16[0], fp32[0], rtol=1e-3)  # Measured on CPU: 3e-5.
+
+
+def test_unknown_moments_dtype_is_named():
+  cfg = small_config(optim__moments_dtype='float16')
+  with pytest.raises(ConfigError, match=r"optim.moments_dtype 'float16'.*'float32', 'bfloat16'"):
+    optim.build(cfg.optim, 10)

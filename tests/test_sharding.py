@@ -54,7 +54,8 @@ def test_mesh_matches_single_device(shape, reference):
 
 
 def test_param_specs_follow_rules_table():
-  """Each parameter's spec is its logical axes looked up in sharding.RULES, nothing else."""
+  """Each parameter's spec is its logical axes looked up in sharding.RULES, plus 'fsdp' (the FSDP
+  rule) on one dimension where RULES leaves it unused, nothing else."""
   cfg = small_config(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
   mesh = sharding.make_mesh(cfg.mesh)
   model_cfg = model_lib.config_from(cfg.model, 258)
@@ -67,8 +68,10 @@ def test_param_specs_follow_rules_table():
       ('wte',): P('tensor', 'fsdp'),
       ('wpe',): P(None, 'fsdp'),
       ('h', 0, 'attn', 'c_attn_kernel'): P('fsdp', None, 'tensor', None),
+      ('h', 0, 'attn', 'c_attn_bias'): P(None, 'tensor', 'fsdp'),  # [3, heads, kv]: kv is larger.
       ('h', 0, 'attn', 'c_proj_kernel'): P('tensor', None, 'fsdp'),
       ('h', 1, 'mlp', 'c_fc_kernel'): P('fsdp', 'tensor'),
+      ('h', 1, 'mlp', 'c_fc_bias'): P(('tensor', 'fsdp')),
       ('h', 1, 'mlp', 'c_proj_kernel'): P('tensor', 'fsdp'),
       ('ln_f', 'scale'): P('fsdp'),
   }
@@ -77,7 +80,13 @@ def test_param_specs_follow_rules_table():
   for path, var in params:
     axes = var.get_metadata()['out_sharding']
     assert len(axes) == len(var.shape), path
-    assert specs[path].get_value().spec == P(*(rules[a] if a else None for a in axes)), path
+    got = [sharding.mesh_axes(e) for e in specs[path].get_value().spec]
+    table = [sharding.mesh_axes(rules[a] if a else None) for a in axes]
+    if any('fsdp' in t for t in table):
+      assert got == table, path
+    else:  # The FSDP rule: 'fsdp' appended to one dimension (on this mesh one always divides).
+      assert sum(g.count('fsdp') for g in got) == 1, path
+      assert [g[:-1] if g[-1:] == ('fsdp',) else g for g in got] == table, path
 
 
 def test_mesh_from_config_fills_minus_one():
@@ -95,3 +104,30 @@ def test_indivisible_param_is_named():
   tx, _ = optim.build(cfg.optim, 10)
   with pytest.raises(ValueError, match=r"c_attn.*dimension of 4.*tensor"):
     train.build_state(cfg, model_lib.config_from(cfg.model, 258), tx, mesh)
+
+
+def device_bytes(tree, device):
+  """Bytes of `tree`'s arrays held by `device` (its shards only)."""
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree)
+             for s in x.addressable_shards if s.device == device)
+
+
+@pytest.mark.parametrize('mlp_dim', [None, 36])
+def test_fsdp_splits_params_and_optimizer_state_evenly(mlp_dim):
+  """On a pure fsdp mesh each device holds ~1/8 of params + AdamW moments, biases included.
+
+  The small model (embed 32) is the meaningful size: there the biases that RULES alone leaves
+  replicated put device 0 at 1.08x total / 8. With mlp_dim 36 the MLP bias [36] divides over no
+  mesh axis: it stays replicated (and works), which costs almost nothing.
+  """
+  cfg = small_config(mesh__data=1, mesh__fsdp=8, mesh__tensor=1, model__mlp_dim=mlp_dim)
+  mesh = sharding.make_mesh(cfg.mesh)
+  tx, _ = optim.build(cfg.optim, 10)
+  _, _, shardings, init_fn = train.build_state(cfg, model_lib.config_from(cfg.model, 258), tx, mesh)
+  state = init_fn()
+  tree = {'params': state['params'], 'opt_state': state['opt_state']}
+  total = sum(x.nbytes for x in jax.tree.leaves(tree))
+  ratio = device_bytes(tree, jax.devices()[0]) / (total / 8)
+  assert ratio <= 1.05, f'device 0 holds {ratio:.4f} x total / 8 ({total} bytes in all)'
+  bias = shardings['params']['h'][0]['mlp']['c_fc_bias'].get_value().spec
+  assert bias == (P('tensor') if mlp_dim else P(('tensor', 'fsdp'))), bias
