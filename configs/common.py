@@ -32,11 +32,14 @@ def get_config(arg=None):
   c.model.vocab_multiple = 128  # Pad the vocab to a multiple of this: MXU/tensor-parallel friendly.
   c.model.dropout = 0.0  # Residual, attention and embedding dropout; 0 for fine-tuning small data.
   c.model.dtype = 'float32'  # Compute dtype ('bfloat16' halves activation memory); params stay fp32.
-  # Speed and memory switches: none changes the result beyond float rounding (tests/test_switches.py).
-  c.model.attention = 'einsum'  # 'einsum' (explicit softmax), 'causal_blocks' (skips the masked
-  # upper triangle: faster on CPU) or 'dot_product' (jax.nn.dot_product_attention: cuDNN flash
-  # attention on GPU with bfloat16; no attention dropout).
-  c.model.attention_block = 64  # causal_blocks: queries per block (seq_len a multiple of it).
+  # Speed and memory switches: none changes the result beyond float rounding (tests/test_switches.py;
+  # with dropout on, causal_blocks draws its attention dropout per block, so other masks).
+  c.model.attention = 'auto'  # 'einsum' (explicit softmax), 'causal_blocks' (skips the masked
+  # upper triangle: faster on CPU), 'dot_product' (jax.nn.dot_product_attention: cuDNN flash
+  # attention on GPU in bfloat16; no attention dropout) or 'auto': causal_blocks on CPU,
+  # dot_product on GPU in bf16 without dropout, einsum otherwise.
+  c.model.attention_block = 64  # causal_blocks: queries per block; a seq_len that is not a
+  # multiple of it (or not above it) gets one block, i.e. einsum.
   c.model.remat = 'none'  # Recompute activations in backward: a jax.checkpoint_policies name, e.g.
   # 'nothing_saveable' (least memory), 'dots_with_no_batch_dims_saveable' (keeps matmul outputs).
   c.model.scan_layers = False  # Trace one block and scan it over the layers: compile time flat in depth.

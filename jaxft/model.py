@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxft.config import ConfigError
 
-ATTENTION = ('einsum', 'causal_blocks', 'dot_product')
+ATTENTION = ('auto', 'einsum', 'causal_blocks', 'dot_product')
 HEAD = 'score'  # The classification head: the one param only some objectives have.
 
 # Named sizes: (num_layers, num_heads, embed_dim, max_len). Vocab comes from the tokenizer.
@@ -39,7 +39,7 @@ class GPTConfig:
   ln_eps: float = 1e-5
   dtype: str = 'float32'  # Compute dtype; parameters are always float32.
   # Speed and memory switches (configs/common.py says when each helps); none changes the math.
-  attention: str = 'einsum'  # 'einsum', 'causal_blocks' or 'dot_product'.
+  attention: str = 'einsum'  # 'einsum', 'causal_blocks' or 'dot_product' ('auto' resolved).
   attention_block: int = 64  # causal_blocks: queries per block.
   remat: str = 'none'  # 'none' or a jax.checkpoint_policies name, per block.
   scan_layers: bool = False  # One traced block scanned over the stacked layer params.
@@ -71,7 +71,13 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
   if model_cfg.attention not in ATTENTION:
     raise ConfigError(f'unknown model.attention {model_cfg.attention!r}; known: '
                       f'{", ".join(ATTENTION)}')
-  if model_cfg.attention == 'dot_product' and model_cfg.dropout:
+  attention = model_cfg.attention
+  if attention == 'auto':  # The fastest exact one for the platform (measured: README, Benchmark).
+    gpu_flash = (jax.default_backend() == 'gpu' and model_cfg.dtype != 'float32'
+                 and not model_cfg.dropout)
+    attention = ('causal_blocks' if jax.default_backend() == 'cpu' else
+                 'dot_product' if gpu_flash else 'einsum')
+  if attention == 'dot_product' and model_cfg.dropout:
     raise ConfigError("model.attention='dot_product' has no dropout on attention probabilities; "
                       "set model.dropout=0 or model.attention='einsum'")
   if model_cfg.remat != 'none' and not hasattr(jax.checkpoint_policies, model_cfg.remat):
@@ -81,7 +87,7 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
                    num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
                    dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels,
-                   attention=model_cfg.attention, attention_block=model_cfg.attention_block,
+                   attention=attention, attention_block=model_cfg.attention_block,
                    remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
                    loss_chunk=model_cfg.loss_chunk)
 
@@ -150,9 +156,11 @@ class Attention(nnx.Module):
     """Attention of L queries over M keys (M = L in training, the KV cache when decoding)."""
     how, c = self.cfg.attention, self.cfg.attention_block
     L, M = q_BLHK.shape[1], k_BMHK.shape[1]
-    if how == 'dot_product':  # cuDNN flash attention on GPU (bf16), XLA's elsewhere.
+    if how == 'dot_product':  # cuDNN flash attention on GPU in bf16/fp16, XLA's elsewhere.
+      flash = jax.default_backend() == 'gpu' and q_BLHK.dtype != jnp.float32
       out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BMHK, v_BMHK, mask=mask_B1LM,
-                                              is_causal=L == M)
+                                              is_causal=L == M,
+                                              implementation='cudnn' if flash else None)
     elif how == 'causal_blocks' and L == M and L > c and L % c == 0:
       # Query block i only sees keys [0, (i + 1) c): the masked-out upper triangle of blocks is
       # never computed (L = 4c does 10/16 of the work).

@@ -96,11 +96,14 @@ def state_shardings(abstract_state, mesh):
   """
   with activate(mesh):
     shardings = nnx.get_named_sharding(abstract_state, mesh)
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  shardings = jax.tree.map(  # Annotated Variables: params and the moments that mirror them.
+  # Annotated arrays: params and the moments that mirror them (a frozen param's optimizer
+  # state holds optax MaskedNodes instead: nothing to place).
+  sharded = lambda x: (isinstance(x, nnx.Variable) and x.get_metadata().get('out_sharding')
+                       and hasattr(x.get_value(), 'shape'))
+  shardings = jax.tree.map(
       lambda x, sh: sh.replace(NamedSharding(mesh, with_fsdp(sh.get_value().spec, x.shape, mesh)))
-      if is_var(x) and x.get_metadata().get('out_sharding') else sh,
-      abstract_state, shardings, is_leaf=is_var)
+      if sharded(x) else sh, abstract_state, shardings,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
   bad = []
   flat = jax.tree_util.tree_leaves_with_path(abstract_state)
   for (path, x), sh in zip(flat, jax.tree.leaves(shardings)):

@@ -1,0 +1,284 @@
+"""The speed and memory switches (configs/common.py) leave the math unchanged.
+
+Each switch trains the small model 5 steps on the same batches from the same init and must give
+the baseline's losses and final params: to float rounding in float32, to a stated looser
+tolerance in bfloat16. Each switch also visibly changes the traced train step (so those
+comparisons cannot pass vacuously), bad values are named, and jaxft.bench's figures add up.
+"""
+import collections
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.extend import core as jax_core
+
+from conftest import SMALL, small_config
+from jaxft import bench, data, model as model_lib, objectives, optim, sharding, tokenizer, train
+from jaxft.config import ConfigError
+
+STEPS = 5
+ONE = dict(mesh__data=1, mesh__fsdp=1, mesh__tensor=1)
+MESH_222 = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+BLOCKS = dict(model__attention='causal_blocks', model__attention_block=8)  # seq 32 = 4 blocks.
+
+# Largest differences from the baseline measured on CPU (jax 0.10.2) are in the comments; the
+# tolerances are a few times those. FP32 covers float rounding only (the switches that change no
+# arithmetic, remat and scan_layers, measured exactly 0).
+FP32 = dict(loss=1e-5, params=2e-6)  # Measured: loss 1.4e-6 (loss_chunk), params 4.7e-7.
+
+# Evidence that a switch changed the traced train step, from `trace_counts` (primitive names, plus
+# 'dtype:<dtype>' per value produced and 'jit:<name>' per inner jit call), vs the baseline's.
+remat = lambda c: c['remat2'] + c['checkpoint']  # jax.checkpoint's primitive (name varies).
+
+CASES = [  # (id, overrides, tolerances, evidence(switch counts, baseline counts))
+    # 4 query blocks: one (smaller) scores and values matmul pair per block.
+    ('causal_blocks', BLOCKS, FP32,  # Measured: loss 0, params 3.5e-7.
+     lambda c, b: c['dot_general'] > b['dot_general'] and c['concatenate'] > b['concatenate']),
+    # jax.nn.dot_product_attention builds its own causal mask (a tril per layer).
+    ('dot_product', dict(model__attention='dot_product'), FP32,  # Measured: 0, 3.4e-7.
+     lambda c, b: c['jit:tril'] > b['jit:tril']),
+    ('remat_nothing', dict(model__remat='nothing_saveable'), FP32,  # Measured: 0, 0.
+     lambda c, b: remat(c) == 2 and remat(b) == 0),
+    ('remat_dots', dict(model__remat='dots_with_no_batch_dims_saveable'), FP32,  # 0, 0.
+     lambda c, b: remat(c) == 2 and remat(b) == 0),
+    # One traced block: half the matmuls in the program, and scans over the layers.
+    ('scan_layers', dict(model__scan_layers=True), FP32,  # Measured: 0, 0.
+     lambda c, b: c['scan'] > b['scan'] and c['dot_general'] < b['dot_general']),
+    ('scan_layers+remat', dict(model__scan_layers=True, model__remat='nothing_saveable'), FP32,
+     lambda c, b: c['scan'] > b['scan'] and remat(c) > 0 and remat(b) == 0),  # Measured: 0, 0.
+    # 512 tokens in chunks of 100: the last chunk is padded (88 dummy tokens).
+    ('loss_chunk', dict(model__loss_chunk=100), FP32,  # Measured: 1.4e-6, 1.9e-7.
+     lambda c, b: c['scan'] > b['scan'] and remat(c) > 0 and remat(b) == 0),
+    # bf16 activations move the losses by ~1e-4 but single params by up to 3.6e-3, half of all
+    # that 5 AdamW steps at lr <= 2e-3 move them: the key bias's gradient is rounding noise (keys
+    # shifted alike leave the softmax unchanged) that Adam scales to full steps. So the params
+    # are compared by their update as a whole. Measured: loss 1.6e-4, update 1.5e-2.
+    ('dtype_bf16', dict(model__dtype='bfloat16'), dict(loss=5e-4, update=5e-2),
+     lambda c, b: c['dtype:bfloat16'] > 0 and b['dtype:bfloat16'] == 0),
+    # AdamW's moments stored in bf16 (the update still computed in fp32).
+    ('moments_bf16', dict(optim__moments_dtype='bfloat16'), dict(loss=5e-4, params=2e-4),
+     lambda c, b: c['dtype:bfloat16'] > 0 and b['dtype:bfloat16'] == 0),  # 1.75e-4, 4.3e-5.
+]
+IDS = [case[0] for case in CASES]
+
+
+def parts(cfg, devices):
+  """(mesh, objective, optimizer, lr schedule, graphdef, abstract state, state shardings)."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  objective = objectives.get(cfg.objective)
+  model_cfg = objectives.model_config(cfg, tokenizer.build(cfg.tokenizer))
+  tx, lr = optim.build(cfg.optim, cfg.train.steps)
+  graphdef, abstract, shardings, _ = train.build_state(cfg, model_cfg, tx, mesh)
+  return mesh, objective, tx, lr, graphdef, abstract, shardings
+
+
+@pytest.fixture(scope='module')
+def batches():
+  """The first STEPS batches of the small config's demo stream (packed rows, segment ids)."""
+  cfg = small_config()
+  tok, objective = tokenizer.build(cfg.tokenizer), objectives.get(cfg.objective)
+  records = objective.check(data.load_splits(cfg.data, cfg.seed)['train'], cfg.data)
+  stream = objective.stream(records, tok, cfg.data, cfg.train.batch_size, cfg.seed)
+  out = [next(stream) for _ in range(STEPS)]
+  for batch in out:
+    del batch['record_ids']
+  return out
+
+
+@pytest.fixture(scope='module')
+def init():
+  """The baseline's initial state on the host: every run starts from exactly this (it is also
+  what each switched config's own init would give: no switch changes the params)."""
+  cfg = small_config(**ONE)
+  *_, init_fn = train.build_state(
+      cfg, objectives.model_config(cfg, tokenizer.build(cfg.tokenizer)),
+      optim.build(cfg.optim, cfg.train.steps)[0], sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  return jax.device_get(init_fn())
+
+
+def run(cfg, init, batches, devices=None):
+  """STEPS train steps of `cfg` from `init` on the fixed batches: (losses, final params)."""
+  devices = jax.devices()[:1] if devices is None else devices
+  mesh, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, devices)
+  leaves, treedef = jax.tree.flatten(abstract)
+  assert treedef == jax.tree.structure(init)  # The switches leave the state's layout alone.
+  # Cast to the state's dtypes (bf16 moments start as zeros either way).
+  start = jax.tree.unflatten(treedef, [np.asarray(x).astype(a.dtype)
+                                       for x, a in zip(jax.tree.leaves(init), leaves)])
+  state = jax.device_put(start, shardings)
+  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum)
+  losses = []
+  for batch in batches:
+    state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+    losses.append(float(metrics['loss']))
+  return np.array(losses), jax.device_get(state['params'])
+
+
+def differences(a, b, init=None):
+  """Largest loss and param differences of two runs; with `init` also how far apart their
+  updates are relative to the update, over all params: |(a - init) - (b - init)| / |b - init|."""
+  pa, pb = jax.tree.leaves(a[1]), jax.tree.leaves(b[1])
+  out = {'loss': float(np.max(np.abs(a[0] - b[0]))),
+         'params': max(float(np.max(np.abs(x - y))) for x, y in zip(pa, pb))}
+  if init is not None:
+    norm = lambda trees: np.sqrt(sum(np.sum(np.square(x - y)) for x, y in zip(*trees)))
+    out['update'] = float(norm((pa, pb)) / norm((pb, jax.tree.leaves(init['params']))))
+  return out
+
+
+def assert_within(diff, tolerance, what):
+  for k, tol in tolerance.items():
+    assert diff[k] <= tol, f'{what}: {k} differs by {diff[k]:.3g} > {tol:g} ({diff})'
+
+
+@pytest.fixture(scope='module')
+def baseline(init, batches):
+  """All switches off, one device."""
+  return run(small_config(**ONE), init, batches)
+
+
+@pytest.mark.parametrize('name, overrides, tolerance, evidence', CASES, ids=IDS)
+def test_switch_trains_like_baseline(name, overrides, tolerance, evidence, init, batches,
+                                     baseline):
+  """Every step's loss and the final params match the run with all switches off."""
+  got = run(small_config(**ONE, **overrides), init, batches)
+  diff = differences(got, baseline, init)
+  print(name, diff)
+  assert_within(diff, tolerance, name)
+  assert got[0][-1] < got[0][0]  # It trains.
+
+
+def test_switches_on_8_devices_match_one(init, batches, baseline):
+  """scan_layers + causal_blocks + loss_chunk on a data=2 x fsdp=2 x tensor=2 mesh of 8 devices
+  trains like the same switches on one device (and like the baseline)."""
+  switches = dict(model__scan_layers=True, model__loss_chunk=100, **BLOCKS)
+  one = run(small_config(**ONE, **switches), init, batches)
+  eight = run(small_config(**MESH_222, **switches), init, batches, jax.devices())
+  print('8 devices vs 1:', differences(eight, one), '1 vs baseline:', differences(one, baseline))
+  assert_within(differences(eight, one), FP32, '8 devices vs 1')  # Measured: 9.5e-7, 4.7e-7.
+  assert_within(differences(one, baseline), FP32, 'switches vs baseline')
+
+
+@pytest.fixture(scope='module')
+def dropout_loop(init, batches):
+  return run(small_config(**ONE, model__dropout=0.1), init, batches)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(model__scan_layers=True), dict(model__remat='nothing_saveable'),
+    dict(model__scan_layers=True, model__remat='dots_with_no_batch_dims_saveable')],
+    ids=['scan_layers', 'remat', 'scan_layers+remat'])
+def test_dropout_keys_survive_scan_and_remat(overrides, init, batches, baseline, dropout_loop):
+  """With dropout, scan_layers and remat draw the same masks as the plain layer loop: losses
+  bit for bit (and dropout really is on: the losses are not the dropout-free ones)."""
+  got = run(small_config(**ONE, model__dropout=0.1, **overrides), init, batches)
+  np.testing.assert_array_equal(got[0], dropout_loop[0])
+  assert_within(differences(got, dropout_loop), FP32, 'dropout')  # Measured: params identical.
+  assert np.min(np.abs(dropout_loop[0] - baseline[0])) > 1e-4  # Measured: 9.7e-4 and up.
+
+
+def iter_eqns(jaxpr):
+  """Every equation of a jaxpr, those of the jaxprs nested in it (jit, scan, remat...) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          yield from iter_eqns(sub.jaxpr)
+        elif isinstance(sub, jax_core.Jaxpr):
+          yield from iter_eqns(sub)
+
+
+def trace_counts(cfg):
+  """Counts of what the train step's jaxpr does (traced on abstract values, nothing compiled):
+  primitive names, 'dtype:<dtype>' per value produced, 'jit:<name>' per inner jit call."""
+  _, objective, tx, lr, graphdef, abstract, _ = parts(cfg, jax.devices()[:1])
+  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum)
+  batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
+                                cfg.train.batch_size)
+  counts = collections.Counter()
+  for eqn in iter_eqns(jax.make_jaxpr(step_fn)(abstract, batch).jaxpr):
+    counts[eqn.primitive.name] += 1
+    counts.update(f'dtype:{v.aval.dtype}' for v in eqn.outvars if hasattr(v.aval, 'dtype'))
+    if 'name' in eqn.params and eqn.primitive.name in ('jit', 'pjit'):
+      counts[f'jit:{eqn.params["name"]}'] += 1
+  return counts
+
+
+@pytest.mark.parametrize('name, overrides, tolerance, evidence', CASES, ids=IDS)
+def test_switch_changes_the_computation(name, overrides, tolerance, evidence):
+  """Each switch shows in the traced train step: the equivalence above is not one program run
+  twice."""
+  base, switched = trace_counts(small_config(**ONE)), trace_counts(small_config(**ONE, **overrides))
+  assert switched != base
+  assert evidence(switched, base), f'{name}: {dict(switched - base)} / {dict(base - switched)}'
+
+
+@pytest.mark.parametrize('overrides, message, known', [
+    (dict(model__attention='flash'), r"unknown model\.attention 'flash'; known: ",
+     model_lib.ATTENTION),
+    (dict(model__remat='bogus'), r"unknown model\.remat 'bogus'; known: none, ",
+     ('nothing_saveable', 'dots_with_no_batch_dims_saveable')),
+    (dict(model__attention='dot_product', model__dropout=0.1),
+     r"model\.attention='dot_product' has no dropout.*model\.dropout=0", ()),
+], ids=['attention', 'remat', 'dot_product+dropout'])
+def test_bad_switch_values_are_named(overrides, message, known):
+  """A bad switch value fails when the model config is built, naming the key and the choices."""
+  with pytest.raises(ConfigError, match=message) as error:
+    model_lib.config_from(small_config(**overrides).model, 258)
+  for value in known:
+    assert value in str(error.value)
+
+
+def test_flops_per_token_gpt2_124m():
+  """GPT-2 124M at T=1024: 6N + 12LHQT with N = all params but wpe, worked out by hand."""
+  cfg = small_config(model__size='gpt2', model__vocab_size=50257)
+  for k in ('num_layers', 'num_heads', 'embed_dim', 'max_len'):
+    cfg.model[k] = None
+  gpt2 = model_lib.config_from(cfg.model, 50257)
+  n = 124_439_808 - 1024 * 768  # HF's count, minus the wpe lookup table.
+  flops, formula = bench.flops_per_token(gpt2, n, 1024)
+  assert flops == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024 == 855_166_464
+  assert formula.startswith('6N + 12LHQT = 6*123,653,376 + 12*12*12*64*1024 = 855.2 MFLOP')
+
+
+def test_bench_main_compare_hf(tmp_path, capsys, root):
+  """jaxft.bench with --compare-hf on CPU: the JSON figures are consistent with each other and
+  with the model, and the summary prints the MFU formula and the jaxft / HF ratio."""
+  out = tmp_path / 'bench.json'
+  bench.main([f'--config={os.path.join(root, "configs", "demo.py")}'] +
+             [f'--config.{k}={v}' for k, v in SMALL.items()] +
+             ['--steps=3', '--warmup=1', '--compare-hf', '--no-input', f'--json={out}'])
+  printed = capsys.readouterr().out
+  r = json.loads(out.read_text())
+
+  cfg = small_config()
+  model_cfg = objectives.model_config(cfg, tokenizer.build(cfg.tokenizer))
+  with sharding.activate(sharding.make_mesh(cfg.mesh)):
+    params = nnx.state(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))), nnx.Param)
+  n = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
+          if model_lib.path_str(p) != 'wpe')
+  L, H, Q, T, B = 2, 4, 32 // 4, 32, 16
+  assert (model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim) == (L, H, Q)
+  assert (r['batch_size'], r['seq_len'], r['steps'], r['warmup']) == (B, T, 3, 1)
+  assert r['flops_per_token'] == 6 * n + 12 * L * H * Q * T
+
+  assert r['compile_s'] > 0
+  assert r['step_s_min'] <= r['step_s_median'] <= r['step_s_max']
+  # tokens_per_s comes from the unrounded median; step_s_median is rounded to 1e-4 s.
+  med, tps = r['step_s_median'], r['tokens_per_s']
+  assert B * T / (med + 5e-5) - 0.05 <= tps <= B * T / (med - 5e-5) + 0.05
+  assert r['mfu'] == pytest.approx(tps * r['flops_per_token'] / r['peak_flops'], abs=6e-5)
+  assert 'matmul probe' in r['peak_source']
+
+  hf = r['hf_torch']
+  assert hf['tokens_per_s'] > 0 and hf['step_s_min'] <= hf['step_s_median'] <= hf['step_s_max']
+  ratio = tps / hf['tokens_per_s']
+  assert r['jaxft_vs_hf'] == pytest.approx(ratio, rel=0.05 / tps + 0.05 / hf['tokens_per_s'],
+                                           abs=5e-4)
+
+  assert f'MFU formula: 6N + 12LHQT = 6*{n:,} + 12*{L}*{H}*{Q}*{T} = ' in printed
+  assert f"jaxft / hf+torch tokens/s: {r['jaxft_vs_hf']:.3f}x" in printed
