@@ -301,8 +301,9 @@ class GPT(nnx.Module):
     return self.ln_f(x_BLD), new_cache
 
   def logits(self, hidden_BLD):
-    """Tied LM head, float32 logits [batch, length, vocab] (or [tokens, vocab]); padding ids (>= tokenizer_vocab) get
-    -1e9, so the padded vocab changes no probability (and HF exports can drop those rows)."""
+    """Tied LM head, float32 logits [..., vocab] ([batch, length] or [tokens] before); padding
+    ids (>= tokenizer_vocab) get -1e9, so the padded vocab changes no probability (and HF exports
+    can drop those rows)."""
     logits_BLV = jnp.einsum('...d,vd->...v', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
                             preferred_element_type=jnp.float32)
     if 0 < self.cfg.tokenizer_vocab < self.cfg.vocab_size:

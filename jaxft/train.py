@@ -33,6 +33,9 @@ def build_state(cfg, model_cfg, tx, mesh):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
     abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
+  if cfg.optim.offload:  # Between steps the optimizer state lives in host memory.
+    shardings['opt_state'] = jax.tree.map(lambda s: s.with_memory_kind('pinned_host'),
+                                          shardings['opt_state'])
 
   def init_fn():
     with sharding.activate(mesh):
@@ -40,13 +43,15 @@ def build_state(cfg, model_cfg, tx, mesh):
   return graphdef, abstract, shardings, init_fn
 
 
-def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=None):
+def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=None,
+                    offloaded=None):
   """The one jitted, state-donating train_step(state, batch) -> (state, metrics).
 
   The batch is split into `grad_accum` micro-batches whose loss sums and supervised-token counts
   are added up before dividing, so k micro-batches give exactly the update of one k-times batch.
   Params for which trainable(path) is False are frozen: no gradient flows into them and they
-  are carried over untouched (bit for bit).
+  are carried over untouched (bit for bit). `offloaded`: the optimizer state's host-memory
+  shardings (optim.offload), brought to the device for the update and sent back after it.
   """
   frozen = lambda path: trainable is not None and not trainable(path)
 
@@ -73,7 +78,13 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=
     (loss_sum_, count, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(count, 1.0)  # An empty mask is reported by the loop, not divided by.
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    opt_state = state['opt_state']
+    if offloaded is not None:
+      opt_state = jax.device_put(opt_state, jax.tree.map(
+          lambda s: s.with_memory_kind('device'), offloaded))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if offloaded is not None:
+      opt_state = jax.device_put(opt_state, offloaded)
     new_params = model_lib.map_with_path(lambda path, old, new: old if frozen(path) else new,
                                          params, optax.apply_updates(params, updates))
     new_state = {'params': new_params, 'opt_state': opt_state,
@@ -307,7 +318,8 @@ def run(cfg, workdir):
     mngr.close()
     return state
 
-  train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum, trainable)
+  train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum, trainable,
+                               shardings['opt_state'] if cfg.optim.offload else None)
   evaluator = evaluate.Evaluator(graphdef, objective, examples, records, tok, cfg, mesh)
   baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
                                        cfg.data, model_cfg.vocab_size) for s in ('val', 'test')}

@@ -61,6 +61,9 @@ CASES = [  # (id, overrides, tolerances, evidence(switch counts, baseline counts
     # AdamW's moments stored in bf16 (the update still computed in fp32).
     ('moments_bf16', dict(optim__moments_dtype='bfloat16'), dict(loss=5e-4, params=2e-4),
      lambda c, b: c['dtype:bfloat16'] > 0 and b['dtype:bfloat16'] == 0),  # 1.75e-4, 4.3e-5.
+    # The optimizer state kept in host memory: moved to the device and back every step.
+    ('offload', dict(optim__offload=True), dict(loss=0, params=0),
+     lambda c, b: c['device_put'] >= 2 + b['device_put']),
 ]
 IDS = [case[0] for case in CASES]
 
@@ -99,6 +102,12 @@ def init():
   return jax.device_get(init_fn())
 
 
+def make_step(cfg, graphdef, objective, tx, lr, shardings):
+  """The train step as train.run builds it (optimizer state offloaded with optim.offload)."""
+  return train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum, None,
+                               shardings['opt_state'] if cfg.optim.offload else None)
+
+
 def run(cfg, init, batches, devices=None):
   """STEPS train steps of `cfg` from `init` on the fixed batches: (losses, final params)."""
   devices = jax.devices()[:1] if devices is None else devices
@@ -109,7 +118,7 @@ def run(cfg, init, batches, devices=None):
   start = jax.tree.unflatten(treedef, [np.asarray(x).astype(a.dtype)
                                        for x, a in zip(jax.tree.leaves(init), leaves)])
   state = jax.device_put(start, shardings)
-  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum)
+  step_fn = make_step(cfg, graphdef, objective, tx, lr, shardings)
   losses = []
   for batch in batches:
     state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
@@ -195,8 +204,8 @@ def iter_eqns(jaxpr):
 def trace_counts(cfg):
   """Counts of what the train step's jaxpr does (traced on abstract values, nothing compiled):
   primitive names, 'dtype:<dtype>' per value produced, 'jit:<name>' per inner jit call."""
-  _, objective, tx, lr, graphdef, abstract, _ = parts(cfg, jax.devices()[:1])
-  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum)
+  _, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, jax.devices()[:1])
+  step_fn = make_step(cfg, graphdef, objective, tx, lr, shardings)
   batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
                                 cfg.train.batch_size)
   counts = collections.Counter()
@@ -282,3 +291,35 @@ def test_bench_main_compare_hf(tmp_path, capsys, root):
 
   assert f'MFU formula: 6N + 12LHQT = 6*{n:,} + 12*{L}*{H}*{Q}*{T} = ' in printed
   assert f"jaxft / hf+torch tokens/s: {r['jaxft_vs_hf']:.3f}x" in printed
+
+
+def test_offloaded_optimizer_state_stays_on_the_host_and_resumes(tmp_path, capsys):
+  """optim.offload: between steps every optimizer array sits in pinned host memory (the params
+  on the device); a run checkpointed and resumed with it ends where one without it ends."""
+  import shutil
+  from conftest import small_argv
+  from experiments.kill_resume import read_params
+  cfg = small_config(**ONE, optim__offload=True)
+  mesh, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, jax.devices()[:1])
+  *_, init_fn = train.build_state(cfg, objectives.model_config(cfg, tokenizer.build(
+      cfg.tokenizer)), tx, mesh)
+  state = init_fn()
+  step_fn = make_step(cfg, graphdef, objective, tx, lr, shardings)
+  batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
+                                cfg.train.batch_size)
+  state, _ = step_fn(state, sharding.shard_batch(batch, mesh))
+  kinds = lambda tree: {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+  assert kinds(state['opt_state']) == {'pinned_host'}
+  assert kinds(state['params']) == {jax.devices()[0].default_memory().kind}
+
+  opts = dict(train__steps=6, checkpoint__every=3, checkpoint__keep=5, checkpoint__keep_best=False)
+  plain, offloaded = str(tmp_path / 'plain'), str(tmp_path / 'offloaded')
+  train.main(small_argv(plain, **opts))
+  train.main(small_argv(offloaded, optim__offload=True, **opts))
+  shutil.rmtree(os.path.join(offloaded, 'checkpoints', '6'))
+  capsys.readouterr()
+  train.main(small_argv(offloaded, optim__offload=True, **opts))  # Resumes from step 3.
+  assert 'checkpoints/3' in capsys.readouterr().out
+  a, b = read_params(plain), read_params(offloaded)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
