@@ -39,7 +39,7 @@ class GPTConfig:
   ln_eps: float = 1e-5
   dtype: str = 'float32'  # Compute dtype; parameters are always float32.
   # Speed and memory switches (configs/common.py says when each helps); none changes the math.
-  attention: str = 'einsum'  # 'einsum', 'causal_blocks' or 'dot_product' ('auto' resolved).
+  attention: str = 'auto'  # 'einsum', 'causal_blocks' or 'dot_product' (config_from resolves 'auto').
   attention_block: int = 64  # causal_blocks: queries per block.
   remat: str = 'none'  # 'none' or a jax.checkpoint_policies name, per block.
   scan_layers: bool = False  # One traced block scanned over the stacked layer params.
@@ -68,11 +68,12 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
     vocab = -(-tokenizer_vocab_size // m) * m
   if vocab < tokenizer_vocab_size:
     raise ConfigError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
-  if model_cfg.attention not in ATTENTION:
-    raise ConfigError(f'unknown model.attention {model_cfg.attention!r}; known: '
-                      f'{", ".join(ATTENTION)}')
-  attention = model_cfg.attention
-  if attention == 'auto':  # The fastest exact one for the platform (measured: README, Benchmark).
+  # A config saved before a switch existed (an older run's config.json) gets its default.
+  switch = lambda name: model_cfg.get(name, GPTConfig.__dataclass_fields__[name].default)
+  attention = switch('attention')
+  if attention not in ATTENTION:
+    raise ConfigError(f'unknown model.attention {attention!r}; known: {", ".join(ATTENTION)}')
+  if attention == 'auto':  # The fastest exact one for the platform (README, Benchmark).
     gpu_flash = (jax.default_backend() == 'gpu' and model_cfg.dtype != 'float32'
                  and not model_cfg.dropout)
     attention = ('causal_blocks' if jax.default_backend() == 'cpu' else
@@ -80,16 +81,16 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
   if attention == 'dot_product' and model_cfg.dropout:
     raise ConfigError("model.attention='dot_product' has no dropout on attention probabilities; "
                       "set model.dropout=0 or model.attention='einsum'")
-  if model_cfg.remat != 'none' and not hasattr(jax.checkpoint_policies, model_cfg.remat):
-    raise ConfigError(f'unknown model.remat {model_cfg.remat!r}; known: none, ' + ', '.join(
+  if switch('remat') != 'none' and not hasattr(jax.checkpoint_policies, switch('remat')):
+    raise ConfigError(f'unknown model.remat {switch("remat")!r}; known: none, ' + ', '.join(
         p for p in dir(jax.checkpoint_policies) if p.endswith('saveable')))
   return GPTConfig(vocab_size=vocab, tokenizer_vocab=tokenizer_vocab_size, num_layers=layers,
                    num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
                    dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels,
-                   attention=attention, attention_block=model_cfg.attention_block,
-                   remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
-                   loss_chunk=model_cfg.loss_chunk)
+                   attention=attention, attention_block=switch('attention_block'),
+                   remat=switch('remat'), scan_layers=switch('scan_layers'),
+                   loss_chunk=switch('loss_chunk'))
 
 
 def path_str(key_path):

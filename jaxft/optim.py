@@ -30,10 +30,11 @@ MOMENTS_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # optim.moments_dt
 def adamw(optim_cfg, lr, mask):
   """optax.adamw with its two moments (mu, nu) stored in optim.moments_dtype; the update itself
   is computed in float32 either way."""
-  if optim_cfg.moments_dtype not in MOMENTS_DTYPES:
-    raise ConfigError(f'unknown optim.moments_dtype {optim_cfg.moments_dtype!r}; known: '
+  name = optim_cfg.get('moments_dtype', 'float32')  # (Absent from configs saved before it.)
+  if name not in MOMENTS_DTYPES:
+    raise ConfigError(f'unknown optim.moments_dtype {name!r}; known: '
                       + ', '.join(map(repr, MOMENTS_DTYPES)))
-  dtype = MOMENTS_DTYPES[optim_cfg.moments_dtype]
+  dtype = MOMENTS_DTYPES[name]
   tx = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                    weight_decay=optim_cfg.weight_decay, mask=mask, mu_dtype=dtype)
   if dtype is None:
