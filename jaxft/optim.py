@@ -30,7 +30,7 @@ MOMENTS_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # optim.moments_dt
 def adamw(optim_cfg, lr, mask):
   """optax.adamw with its two moments (mu, nu) stored in optim.moments_dtype; the update itself
   is computed in float32 either way."""
-  name = optim_cfg.get('moments_dtype', 'float32')  # (Absent from configs saved before it.)
+  name = optim_cfg.moments_dtype
   if name not in MOMENTS_DTYPES:
     raise ConfigError(f'unknown optim.moments_dtype {name!r}; known: '
                       + ', '.join(map(repr, MOMENTS_DTYPES)))

@@ -33,7 +33,7 @@ def build_state(cfg, model_cfg, tx, mesh):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
     abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh)
-  if cfg.optim.get('offload'):  # Between steps the optimizer state lives in host memory.
+  if cfg.optim.offload:  # Between steps the optimizer state lives in host memory.
     shardings['opt_state'] = jax.tree.map(lambda s: s.with_memory_kind('pinned_host'),
                                           shardings['opt_state'])
 
