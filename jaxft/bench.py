@@ -90,15 +90,15 @@ def jax_trainer(cfg):
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   model_cfg = objectives.model_config(cfg, tok)
-  tx, lr = optim.build(cfg.optim, cfg.train.steps, train.trainable_fn(cfg, objective))
+  trainable = train.trainable_fn(cfg, objective)
+  tx, lr = optim.build(cfg.optim, cfg.train.steps, trainable)
   graphdef, abstract, shardings, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
   sizes = {model_lib.path_str(p): x.size
            for p, x in jax.tree_util.tree_leaves_with_path(abstract['params'])}
   unused = {'wpe'} | ({'wte'} if objective.has_head else set())  # Lookups, not matmuls.
   n_matmul = sum(n for k, n in sizes.items() if k not in unused)
   state = [init_fn()]
-  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum,
-                                  train.trainable_fn(cfg, objective),
+  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum, trainable,
                                   shardings['opt_state'] if cfg.optim.offload else None)
   batch = sharding.shard_batch(synthetic_batch(objective, tok, cfg.data, cfg.train.batch_size),
                                mesh)
