@@ -43,6 +43,8 @@ def get_config(arg=None):
   c.model.remat = 'none'  # Recompute activations in backward: a jax.checkpoint_policies name, e.g.
   # 'nothing_saveable' (least memory), 'dots_with_no_batch_dims_saveable' (keeps matmul outputs).
   c.model.scan_layers = False  # Trace one block and scan it over the layers: compile time flat in depth.
+  c.model.grad_barrier = True  # Write the residual-stream gradient once at each block boundary
+  # (model.grad_barrier): stops XLA recomputing it per layer (gpt2 on CPU: 1.25x faster).
   c.model.loss_chunk = 0  # LM loss over this many tokens at a time (logits recomputed in backward):
   # no full [batch, length, vocab] float32 logits; 0 = all at once.
 

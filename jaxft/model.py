@@ -43,6 +43,7 @@ class GPTConfig:
   attention_block: int = 64  # causal_blocks: queries per block.
   remat: str = 'none'  # 'none' or a jax.checkpoint_policies name, per block.
   scan_layers: bool = False  # One traced block scanned over the stacked layer params.
+  grad_barrier: bool = True  # Write the residual-stream gradient once per block boundary.
   loss_chunk: int = 0  # Tokens per chunk of LM-head logits in the loss; 0 = all at once.
   tokenizer_vocab: int = 0  # Ids the tokenizer uses; logits of the padding ids beyond are masked.
   num_labels: int = 0  # > 0 adds the classification head `score` (HF GPT2ForSequenceClassification).
@@ -90,7 +91,7 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
                    dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels,
                    attention=attention, attention_block=switch('attention_block'),
                    remat=switch('remat'), scan_layers=switch('scan_layers'),
-                   loss_chunk=switch('loss_chunk'))
+                   grad_barrier=switch('grad_barrier'), loss_chunk=switch('loss_chunk'))
 
 
 def path_str(key_path):
@@ -110,6 +111,21 @@ def _param(rngs, shape, axes, std=None):
   """A float32 Param, normal(std) or zeros, annotated with logical axis names."""
   value = jnp.zeros(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
   return nnx.Param(value, out_sharding=axes)
+
+
+@jax.custom_vjp
+def grad_barrier(x_BLD):
+  """The identity, whose backward materialises the cotangent: XLA (CPU) otherwise fuses the
+  residual-stream gradient's whole elementwise chain (residual adds + LayerNorm backward of every
+  block above) into each consumer that transposes it for a weight gradient, recomputing it once
+  per layer: quadratic in depth (gpt2: ~25% of the step). lax.optimization_barrier is dropped
+  before fusion on CPU; a dynamic_update_slice can only be a fusion's root, so its result is
+  written once. It rewrites position 0 with itself (local on every shard: seq is never split)."""
+  return x_BLD
+
+
+grad_barrier.defvjp(lambda x_BLD: (x_BLD, None),
+                    lambda _, g_BLD: (jax.lax.dynamic_update_slice(g_BLD, g_BLD[:, :1], (0, 0, 0)),))
 
 
 def _dropout(x, rate, key):
@@ -271,6 +287,8 @@ class GPT(nnx.Module):
     else:
       for block, key in zip(self.h, keys):
         x_BLD = call(block, x_BLD, key)
+        if self.cfg.grad_barrier:  # (A scan's carry is written once per layer anyway.)
+          x_BLD = grad_barrier(x_BLD)
     return self.ln_f(x_BLD)
 
   def init_cache(self, batch, slots):
