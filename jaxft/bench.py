@@ -26,7 +26,7 @@ from etils import epath
 from flax import nnx
 
 from jaxft import config as config_lib, data, evaluate, generate, model as model_lib, objectives, \
-    optim, sharding, tokenizer as tokenizer_lib, train
+    sharding, tokenizer as tokenizer_lib, train
 
 # Dense bf16 peak FLOP/s per chip from the vendors' datasheets, by jax device_kind substring
 # (longest match wins). float32 compute is counted against half of it (TF32 on NVIDIA tensor
@@ -89,21 +89,14 @@ def jax_trainer(cfg):
   mesh = sharding.make_mesh(cfg.mesh)
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  model_cfg = objectives.model_config(cfg, tok)
-  trainable = train.trainable_fn(cfg, objective)
-  tx, lr = optim.build(cfg.optim, cfg.train.steps, trainable)
-  graphdef, abstract, shardings, init_fn = train.build_state(cfg, model_cfg, tx, mesh)
-  sizes = {model_lib.path_str(p): x.size
-           for p, x in jax.tree_util.tree_leaves_with_path(abstract['params'])}
+  built = train.setup(cfg, tok, objective, mesh)
   unused = {'wpe'} | ({'wte'} if objective.has_head else set())  # Lookups, not matmuls.
-  n_matmul = sum(n for k, n in sizes.items() if k not in unused)
-  state = [init_fn()]
-  step_fn = train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum, trainable,
-                                  shardings['opt_state'] if cfg.optim.offload else None)
+  n_matmul = sum(n for k, n in built.param_sizes.items() if k not in unused)
+  state = [built.init_fn()]
   batch = sharding.shard_batch(synthetic_batch(objective, tok, cfg.data, cfg.train.batch_size),
                                mesh)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state[0], batch).compile()
+  compiled = built.train_step.lower(state[0], batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   step_bytes = None if mem is None else (
@@ -114,8 +107,9 @@ def jax_trainer(cfg):
     state[0], metrics = compiled(state[0], batch)
     return float(metrics['loss'])  # Blocks until the step has run.
 
-  return model_cfg, n_matmul, step, {'mesh': dict(mesh.shape), 'compile_s': round(compile_s, 2),
-                                     'step_memory_bytes': step_bytes}
+  return built.model_cfg, n_matmul, step, {'mesh': dict(mesh.shape),
+                                           'compile_s': round(compile_s, 2),
+                                           'step_memory_bytes': step_bytes}
 
 
 def torch_trainer(cfg, model_cfg, has_head):

@@ -321,13 +321,13 @@ class GPT(nnx.Module):
 
   def logits(self, hidden_BLD):
     """Tied LM head, float32 logits [..., vocab] ([batch, length] or [tokens] before); padding
-    ids (>= tokenizer_vocab) get -1e9, so the padded vocab changes no probability (and HF exports
-    can drop those rows)."""
+    ids (>= tokenizer_vocab) get -1e9 added, so the padded vocab changes no probability (and HF
+    exports can drop those rows). An added constant, not a select: its gradient is the identity,
+    so the backward pass makes no masked copy of the [tokens, vocab] logit gradient."""
     logits_BLV = jnp.einsum('...d,vd->...v', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
                             preferred_element_type=jnp.float32)
     if 0 < self.cfg.tokenizer_vocab < self.cfg.vocab_size:
-      logits_BLV = jnp.where(jnp.arange(self.cfg.vocab_size) < self.cfg.tokenizer_vocab,
-                             logits_BLV, -1e9)
+      logits_BLV += jnp.where(jnp.arange(self.cfg.vocab_size) < self.cfg.tokenizer_vocab, 0., -1e9)
     return logits_BLV
 
   def token_losses(self, hidden_BLD, targets_BL):

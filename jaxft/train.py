@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +45,19 @@ def build_state(cfg, model_cfg, tx, mesh):
 
 
 def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=None,
-                    offloaded=None):
+                    opt_shardings=None):
   """The one jitted, state-donating train_step(state, batch) -> (state, metrics).
 
   The batch is split into `grad_accum` micro-batches whose loss sums and supervised-token counts
   are added up before dividing, so k micro-batches give exactly the update of one k-times batch.
   Params for which trainable(path) is False are frozen: no gradient flows into them and they
-  are carried over untouched (bit for bit). `offloaded`: the optimizer state's host-memory
-  shardings (optim.offload), brought to the device for the update and sent back after it.
+  are carried over untouched (bit for bit). `opt_shardings`: the optimizer state's shardings;
+  if they are in host memory (build_state with optim.offload), the state is brought to the device
+  for the update and sent back after it.
   """
   frozen = lambda path: trainable is not None and not trainable(path)
+  offloaded = opt_shardings if opt_shardings is not None and any(
+      s.memory_kind == 'pinned_host' for s in jax.tree.leaves(opt_shardings)) else None
 
   def loss_sum(params, batch, key):
     params = model_lib.map_with_path(
@@ -263,6 +267,24 @@ def init_params(source, model_cfg, params, shardings, workdir):
   return params
 
 
+def setup(cfg, tok, objective, mesh):
+  """What a run trains, built from the config without allocating anything (run() and
+  jaxft.bench): model_cfg, trainable, tx, lr_schedule, graphdef, abstract (state), shardings,
+  init_fn, train_step and param_sizes ({path: size})."""
+  model_cfg = objectives.model_config(cfg, tok)
+  trainable = trainable_fn(cfg, objective)
+  tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, trainable)
+  graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
+  train_step = make_train_step(graphdef, objective, tx, lr_schedule, cfg.train.grad_accum,
+                               trainable, shardings['opt_state'])
+  param_sizes = {model_lib.path_str(p): x.size
+                 for p, x in jax.tree_util.tree_leaves_with_path(abstract['params'])}
+  return types.SimpleNamespace(
+      model_cfg=model_cfg, trainable=trainable, tx=tx, lr_schedule=lr_schedule, graphdef=graphdef,
+      abstract=abstract, shardings=shardings, init_fn=init_fn, train_step=train_step,
+      param_sizes=param_sizes)
+
+
 def run(cfg, workdir):
   """Train per `cfg` in `workdir` (resuming if it holds a checkpoint). Returns the final state."""
   mesh = sharding.make_mesh(cfg.mesh)
@@ -277,15 +299,13 @@ def run(cfg, workdir):
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   records, examples = prepare_splits(cfg, objective, tok, workdir)
-  model_cfg = objectives.model_config(cfg, tok)
+  built = setup(cfg, tok, objective, mesh)
+  model_cfg, trainable, abstract, shardings = (built.model_cfg, built.trainable, built.abstract,
+                                               built.shardings)
   if cfg.data.seq_len > model_cfg.max_len:
     raise config_lib.ConfigError(
         f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
-  trainable = trainable_fn(cfg, objective)
-  tx, lr_schedule = optim.build(cfg.optim, T.steps, trainable)
-  graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
-  sizes = {model_lib.path_str(p): x.size
-           for p, x in jax.tree_util.tree_leaves_with_path(abstract['params'])}
+  sizes = built.param_sizes
   n_train = sum(n for k, n in sizes.items() if trainable is None or trainable(k))
   if n_train == 0:
     raise config_lib.ConfigError(f'train.trainable={T.trainable!r} matches no parameter; paths '
@@ -304,7 +324,7 @@ def run(cfg, workdir):
     totals.update(data_state['totals'])
     log(f'resumed from {mngr.directory}/{mngr.latest_step()}')
   else:
-    state = init_fn()
+    state = built.init_fn()
     if T.init_from:
       state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
                                     workdir)
@@ -318,9 +338,8 @@ def run(cfg, workdir):
     mngr.close()
     return state
 
-  train_step = make_train_step(graphdef, objective, tx, lr_schedule, T.grad_accum, trainable,
-                               shardings['opt_state'] if cfg.optim.offload else None)
-  evaluator = evaluate.Evaluator(graphdef, objective, examples, records, tok, cfg, mesh)
+  train_step = built.train_step
+  evaluator = evaluate.Evaluator(built.graphdef, objective, examples, records, tok, cfg, mesh)
   baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
                                        cfg.data, model_cfg.vocab_size) for s in ('val', 'test')}
   metrics_log = MetricsLog(workdir, step)

@@ -37,6 +37,24 @@ def test_vocab_is_padded_to_multiple():
   assert model_lib.config_from(cfg.model, 50257).vocab_size == 50304
 
 
+def test_padded_vocab_ids_get_no_probability_and_no_gradient():
+  """Vocab 384 for a 258-id tokenizer: the 126 padding ids get probability 0, their wte rows no
+  gradient, and the loss is that of the same weights without the padding rows."""
+  m = make()
+  assert (m.cfg.vocab_size, m.cfg.tokenizer_vocab) == (384, 258)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 16)))
+  probs = jax.nn.softmax(m(tokens), -1)
+  assert float(probs[..., 258:].max()) == 0.0
+
+  def loss(model, cut=384):
+    logits = model(tokens[:, :-1])[..., :cut]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  grad = nnx.grad(loss)(m).wte[...]
+  assert float(jnp.abs(grad[258:]).max()) == 0.0 and float(jnp.abs(grad[:258]).max()) > 0
+  np.testing.assert_allclose(loss(m), loss(m, cut=258), rtol=1e-6)
+
+
 def test_causal_no_future_leak():
   m = make()
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))

@@ -108,9 +108,9 @@ def init():
 
 
 def make_step(cfg, graphdef, objective, tx, lr, shardings):
-  """The train step as train.run builds it (optimizer state offloaded with optim.offload)."""
+  """The train step as train.setup builds it (optimizer state offloaded with optim.offload)."""
   return train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum, None,
-                               shardings['opt_state'] if cfg.optim.offload else None)
+                               shardings['opt_state'])
 
 
 def run(cfg, init, batches, devices=None):
