@@ -231,14 +231,19 @@ def test_switch_changes_the_computation(name, overrides, tolerance, evidence):
   assert evidence(switched, base), f'{name}: {dict(switched - base)} / {dict(base - switched)}'
 
 
+def compiled_text(cfg, devices):
+  """The optimized HLO of the train step for `cfg` on `devices`."""
+  mesh, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, devices)
+  batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
+                                cfg.train.batch_size)
+  return make_step(cfg, graphdef, objective, tx, lr, shardings).lower(
+      abstract, sharding.shard_batch(batch, mesh)).compile().as_text()
+
+
 def largest_fusion(cfg):
   """Instructions in the largest fusion of the compiled train step (CPU) that outputs an array:
   scalar ones (the global gradient norm, the finiteness check) grow with the parameter count."""
-  mesh, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, jax.devices()[:1])
-  batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
-                                cfg.train.batch_size)
-  hlo = make_step(cfg, graphdef, objective, tx, lr, shardings).lower(
-      abstract, sharding.shard_batch(batch, mesh)).compile().as_text()
+  hlo = compiled_text(cfg, jax.devices()[:1])
   sizes = [c.count('\n') for c in re.split(r'\n(?=%|ENTRY)', hlo) if c.startswith('%fused')
            and not re.search(r'ROOT \S+ = \w+\[\] ', c)]
   return max(sizes)
@@ -254,6 +259,18 @@ def test_grad_barrier_keeps_backward_fusions_flat_in_depth():
   print('largest fusion with the barrier, 3 and 9 layers:', with_3, with_9, 'without, 9:', without_9)
   assert with_9 == with_3
   assert without_9 > 3 * with_9
+
+
+def test_grad_barrier_adds_no_communication():
+  """On a data=2 x fsdp=2 x tensor=2 mesh the barrier's in-place rewrite of position 0 stays on
+  each shard (the length axis is never split): the step has the same collectives without it."""
+  def collectives(**overrides):  # (op, result shapes) of every collective, in program order.
+    hlo = compiled_text(small_config(**MESH_222, **overrides), jax.devices())
+    ops = r'all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all'
+    return re.findall(rf'= (.*?) ({ops})(?:-start)?\(', hlo)
+  with_barrier, without = collectives(), collectives(model__grad_barrier=False)
+  print('collectives with / without the barrier:', len(with_barrier), len(without))
+  assert without and with_barrier == without
 
 
 @pytest.mark.parametrize('overrides, message, known', [
