@@ -124,8 +124,9 @@ def grad_barrier(x_BLD):
   return x_BLD
 
 
-grad_barrier.defvjp(lambda x_BLD: (x_BLD, None),
-                    lambda _, g_BLD: (jax.lax.dynamic_update_slice(g_BLD, g_BLD[:, :1], (0, 0, 0)),))
+grad_barrier.defvjp(
+    lambda x_BLD: (x_BLD, None),
+    lambda _, g_BLD: (jax.lax.dynamic_update_slice(g_BLD, g_BLD[:, :1], (0, 0, 0)),))
 
 
 def _dropout(x, rate, key):
@@ -327,7 +328,8 @@ class GPT(nnx.Module):
     logits_BLV = jnp.einsum('...d,vd->...v', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
                             preferred_element_type=jnp.float32)
     if 0 < self.cfg.tokenizer_vocab < self.cfg.vocab_size:
-      logits_BLV += jnp.where(jnp.arange(self.cfg.vocab_size) < self.cfg.tokenizer_vocab, 0., -1e9)
+      padding_V = jnp.arange(self.cfg.vocab_size) >= self.cfg.tokenizer_vocab
+      logits_BLV += jnp.where(padding_V, -1e9, 0.)
     return logits_BLV
 
   def token_losses(self, hidden_BLD, targets_BL):
