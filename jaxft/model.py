@@ -82,15 +82,16 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
   if attention == 'dot_product' and model_cfg.dropout:
     raise ConfigError("model.attention='dot_product' has no dropout on attention probabilities; "
                       "set model.dropout=0 or model.attention='einsum'")
-  if switch('remat') != 'none' and not hasattr(jax.checkpoint_policies, switch('remat')):
-    raise ConfigError(f'unknown model.remat {switch("remat")!r}; known: none, ' + ', '.join(
+  remat = switch('remat')
+  if remat != 'none' and not hasattr(jax.checkpoint_policies, remat):
+    raise ConfigError(f'unknown model.remat {remat!r}; known: none, ' + ', '.join(
         p for p in dir(jax.checkpoint_policies) if p.endswith('saveable')))
   return GPTConfig(vocab_size=vocab, tokenizer_vocab=tokenizer_vocab_size, num_layers=layers,
                    num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
                    dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels,
                    attention=attention, attention_block=switch('attention_block'),
-                   remat=switch('remat'), scan_layers=switch('scan_layers'),
+                   remat=remat, scan_layers=switch('scan_layers'),
                    grad_barrier=switch('grad_barrier'), loss_chunk=switch('loss_chunk'))
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from conftest import SMALL, small_config
-from jaxft import bench, data, model as model_lib, objectives, optim, sharding, tokenizer, train
+from jaxft import bench, data, model as model_lib, objectives, sharding, tokenizer, train
 from jaxft.config import ConfigError
 
 STEPS = 5
@@ -74,13 +74,10 @@ IDS = [case[0] for case in CASES]
 
 
 def parts(cfg, devices):
-  """(mesh, objective, optimizer, lr schedule, graphdef, abstract state, state shardings)."""
+  """(mesh, objective, train.setup's model, optimizer, state and train step) for `cfg`."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   objective = objectives.get(cfg.objective)
-  model_cfg = objectives.model_config(cfg, tokenizer.build(cfg.tokenizer))
-  tx, lr = optim.build(cfg.optim, cfg.train.steps)
-  graphdef, abstract, shardings, _ = train.build_state(cfg, model_cfg, tx, mesh)
-  return mesh, objective, tx, lr, graphdef, abstract, shardings
+  return mesh, objective, train.setup(cfg, tokenizer.build(cfg.tokenizer), objective, mesh)
 
 
 @pytest.fixture(scope='module')
@@ -100,33 +97,23 @@ def batches():
 def init():
   """The baseline's initial state on the host: every run starts from exactly this (it is also
   what each switched config's own init would give: no switch changes the params)."""
-  cfg = small_config(**ONE)
-  *_, init_fn = train.build_state(
-      cfg, objectives.model_config(cfg, tokenizer.build(cfg.tokenizer)),
-      optim.build(cfg.optim, cfg.train.steps)[0], sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-  return jax.device_get(init_fn())
-
-
-def make_step(cfg, graphdef, objective, tx, lr, shardings):
-  """The train step as train.setup builds it (optimizer state offloaded with optim.offload)."""
-  return train.make_train_step(graphdef, objective, tx, lr, cfg.train.grad_accum, None,
-                               shardings['opt_state'])
+  _, _, built = parts(small_config(**ONE), jax.devices()[:1])
+  return jax.device_get(built.init_fn())
 
 
 def run(cfg, init, batches, devices=None):
   """STEPS train steps of `cfg` from `init` on the fixed batches: (losses, final params)."""
   devices = jax.devices()[:1] if devices is None else devices
-  mesh, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, devices)
-  leaves, treedef = jax.tree.flatten(abstract)
+  mesh, _, built = parts(cfg, devices)
+  leaves, treedef = jax.tree.flatten(built.abstract)
   assert treedef == jax.tree.structure(init)  # The switches leave the state's layout alone.
   # Cast to the state's dtypes (bf16 moments start as zeros either way).
   start = jax.tree.unflatten(treedef, [np.asarray(x).astype(a.dtype)
                                        for x, a in zip(jax.tree.leaves(init), leaves)])
-  state = jax.device_put(start, shardings)
-  step_fn = make_step(cfg, graphdef, objective, tx, lr, shardings)
+  state = jax.device_put(start, built.shardings)
   losses = []
   for batch in batches:
-    state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+    state, metrics = built.train_step(state, sharding.shard_batch(batch, mesh))
     losses.append(float(metrics['loss']))
   return np.array(losses), jax.device_get(state['params'])
 
@@ -209,12 +196,11 @@ def iter_eqns(jaxpr):
 def trace_counts(cfg):
   """Counts of what the train step's jaxpr does (traced on abstract values, nothing compiled):
   primitive names, 'dtype:<dtype>' per value produced, 'jit:<name>' per inner jit call."""
-  _, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, jax.devices()[:1])
-  step_fn = make_step(cfg, graphdef, objective, tx, lr, shardings)
+  _, objective, built = parts(cfg, jax.devices()[:1])
   batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
                                 cfg.train.batch_size)
   counts = collections.Counter()
-  for eqn in iter_eqns(jax.make_jaxpr(step_fn)(abstract, batch).jaxpr):
+  for eqn in iter_eqns(jax.make_jaxpr(built.train_step)(built.abstract, batch).jaxpr):
     counts[eqn.primitive.name] += 1
     counts.update(f'dtype:{v.aval.dtype}' for v in eqn.outvars if hasattr(v.aval, 'dtype'))
     if 'name' in eqn.params and eqn.primitive.name in ('jit', 'pjit'):
@@ -233,11 +219,11 @@ def test_switch_changes_the_computation(name, overrides, tolerance, evidence):
 
 def compiled_text(cfg, devices):
   """The optimized HLO of the train step for `cfg` on `devices`."""
-  mesh, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, devices)
+  mesh, objective, built = parts(cfg, devices)
   batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
                                 cfg.train.batch_size)
-  return make_step(cfg, graphdef, objective, tx, lr, shardings).lower(
-      abstract, sharding.shard_batch(batch, mesh)).compile().as_text()
+  return built.train_step.lower(
+      built.abstract, sharding.shard_batch(batch, mesh)).compile().as_text()
 
 
 def largest_fusion(cfg):
@@ -347,11 +333,9 @@ def test_offloaded_optimizer_state_stays_on_the_host_and_resumes(tmp_path, capsy
   from conftest import small_argv
   from experiments.kill_resume import read_params
   cfg = small_config(**ONE, optim__offload=True)
-  mesh, objective, tx, lr, graphdef, abstract, shardings = parts(cfg, jax.devices()[:1])
-  *_, init_fn = train.build_state(cfg, objectives.model_config(cfg, tokenizer.build(
-      cfg.tokenizer)), tx, mesh)
-  state = init_fn()
-  step_fn = make_step(cfg, graphdef, objective, tx, lr, shardings)
+  mesh, objective, built = parts(cfg, jax.devices()[:1])
+  state = built.init_fn()
+  step_fn = built.train_step
   batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
                                 cfg.train.batch_size)
   state, _ = step_fn(state, sharding.shard_batch(batch, mesh))
