@@ -169,18 +169,22 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3):
   if compare_hf:
     steppers['hf_torch'], report['hf_versions'] = torch_trainer(cfg, model_cfg, objective.has_head)
   times = {name: [] for name in steppers}
+  faults = dict.fromkeys(steppers, 0)  # Host page faults: fresh memory touched in the steps.
+  last_loss = {}
   for name, step in steppers.items():
     for _ in range(warmup):
-      step()
+      last_loss[name] = step()
   # Alternating rounds: slow phases of a shared machine hit both trainers alike.
   per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
   for n in per_round:
     for name, step in steppers.items():
       for _ in range(n):
-        t0 = time.perf_counter()
-        step()
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        last_loss[name] = step()
         times[name].append(time.perf_counter() - t0)
-  stats = {name: step_stats(t, B * T) for name, t in times.items()}
+        faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+  stats = {name: {**step_stats(t, B * T), 'host_page_faults_per_step': round(faults[name] / steps)}
+           for name, t in times.items()}
   mem = jax.devices()[0].memory_stats() or {}
   result = {
       'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
@@ -193,6 +197,7 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3):
       'mfu': round(stats['jaxft']['tokens_per_s'] * flops / peak, 4),
       'peak_device_bytes': mem.get('peak_bytes_in_use'),
       'peak_host_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      'reuse_host_memory': cfg.reuse_host_memory, 'final_loss': last_loss['jaxft'],
   }
   if compare_hf:
     hf = stats['hf_torch']
@@ -209,14 +214,16 @@ def describe(r):
       f"{r['objective']}: L={m['num_layers']} H={m['num_heads']} D={m['embed_dim']} "
       f"V={m['vocab_size']} {m['dtype']}, batch {r['batch_size']} x seq {r['seq_len']}",
       f"compile {r['compile_s']} s; step memory {r['step_memory_bytes']} bytes "
-      f"(arguments + temporaries + outputs); peak host RSS {r['peak_host_rss_mb']} MB",
+      f"(arguments + temporaries + outputs); peak host RSS {r['peak_host_rss_mb']} MB; "
+      f"reuse_host_memory {r['reuse_host_memory']}",
       f"MFU formula: {r['mfu_formula']}; peak {r['peak_flops'] / 1e12:.3f} TFLOP/s from "
       f"{r['peak_source']}"]
   rows = [('jaxft', r)] + ([('hf+torch', r['hf_torch'])] if 'hf_torch' in r else [])
   for name, s in rows:
     lines.append(f"{name:9s} {s['tokens_per_s']:>10,.1f} tokens/s  step {s['step_s_median']:.4f} s "
                  f"median (p10 {s['step_s_p10']:.4f}, p90 {s['step_s_p90']:.4f}, "
-                 f"{r['steps']} steps)  MFU {s['mfu']:.1%}")
+                 f"{r['steps']} steps)  MFU {s['mfu']:.1%}  "
+                 f"{s['host_page_faults_per_step']:,} page faults/step")
   if 'jaxft_vs_hf' in r:
     lines.append(f"jaxft / hf+torch tokens/s: {r['jaxft_vs_hf']:.3f}x")
   return '\n'.join(lines)
@@ -291,6 +298,8 @@ def main(argv):
     else:
       rest.append(a)
   cfg, _ = config_lib.parse_args(rest)
+  if cfg.reuse_host_memory:
+    train.reuse_host_memory()
   if flags['decode']:
     result = bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])
   else:

@@ -4,7 +4,9 @@
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
+import ctypes
 import json
+import platform
 import re
 import signal
 import sys
@@ -453,8 +455,28 @@ def initialize_distributed(d):
   jax.distributed.initialize(**given, initialization_timeout=d.timeout_s)
 
 
+def reuse_host_memory():
+  """Make glibc's malloc keep freed memory for reuse: one arena, no mmap'd chunks, no trimming.
+
+  XLA on CPU allocates each step's temporaries (the activations: most of the step memory) afresh,
+  from a worker thread; by default every large buffer is then a fresh mmap whose pages the kernel
+  faults in and zeroes on first touch, every step (demo size: 160k faults, 0.37 s of kernel time
+  per 1 s step). Runs before the backend starts its threads (a thread keeps the arena it first
+  used). The process no longer hands freed memory back to the OS. False where malloc is not
+  glibc's (macOS, musl): nothing changed."""
+  if platform.libc_ver()[0] != 'glibc':
+    return False
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+  mallopt = ctypes.CDLL(None).mallopt
+  # A trim threshold of -1 is SIZE_MAX to glibc (the value is converted to size_t): never trim.
+  return all(mallopt(param, value) == 1 for param, value in
+             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
+
+
 def main(argv):
   cfg, workdir = config_lib.parse_args(argv)
+  if cfg.reuse_host_memory:
+    reuse_host_memory()
   initialize_distributed(cfg.distributed)
   if jax.process_index() == 0:
     print(cfg)

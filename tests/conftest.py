@@ -18,6 +18,9 @@ SMALL = {
     'data.seq_len': '32', 'data.demo.num_examples': '2000', 'train.batch_size': '16',
     'train.log_every': '1', 'train.eval_every': '5', 'train.eval_batches': '2',
     'optim.warmup_steps': '2',
+    # train.main / bench.main would retune malloc for the whole test process (process-wide, once):
+    # tests/test_switches.py runs that switch in subprocesses.
+    'reuse_host_memory': 'False',
 }
 
 
