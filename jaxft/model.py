@@ -166,10 +166,13 @@ class Attention(nnx.Module):
     self.c_proj_bias = _param(rngs, (D,), ('embed',))
 
   def project(self, x_BLD):
-    """Queries, keys and values [batch, length, heads, head_dim]."""
+    """Queries, keys and values [batch, length, heads, head_dim]: three matmuls, not one
+    [D, 3HK] whose output is then split, so that the gradients of attention's slices of q, k
+    and v (causal_blocks) are padded into and summed over one [B, L, H, K] each instead of the
+    whole [3, B, L, H, K] (CPU: 2.4% faster step at the demo size, 1.1% at gpt2)."""
     dt = x_BLD.dtype
-    qkv = jnp.einsum('bld,dthk->tblhk', x_BLD, self.c_attn_kernel[...].astype(dt))
-    return qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+    kernel, bias = self.c_attn_kernel[...].astype(dt), self.c_attn_bias[...].astype(dt)
+    return [jnp.einsum('bld,dhk->blhk', x_BLD, kernel[:, t]) + bias[t] for t in range(3)]
 
   def attend(self, q_BLHK, k_BMHK, v_BMHK, mask_B1LM, key):
     """Attention of L queries over M keys (M = L in training, the KV cache when decoding)."""
