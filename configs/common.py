@@ -105,7 +105,8 @@ def get_config(arg=None):
   c.optim.b2 = 0.95  # GPT-3/nanoGPT value; more stable than 0.999 at small batch.
   c.optim.eps = 1e-8
   c.optim.moments_dtype = 'float32'  # 'bfloat16' keeps AdamW's mu and nu in bf16: half the
-  # optimizer memory (keep b2 <= 0.99: bf16 cannot resolve nu's decay at 0.999).
+  # optimizer memory (keep b2 <= 0.99: bf16 cannot resolve nu's decay at 0.999); 'int8': 8-bit
+  # codes + a float32 scale per row, ~2.1 bytes per param for both instead of 8.
   c.optim.weight_decay = 0.1
   # Params whose path matches get no weight decay: biases, LayerNorms and embeddings.
   c.optim.no_decay = r'(bias|ln_\w+|wte|wpe)'

@@ -1,7 +1,7 @@
 """Benchmark the train step: tokens/s, step time, compile time, MFU and memory for any config.
 
     python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
-        [--warmup=2] [--compare-hf] [--json=out.json]
+        [--warmup=2] [--compare-hf] [--json=out.json] [--no-input] [--compile-only]
     python -m jaxft.bench --config=configs/demo.py --decode [--batch=1 --prompt-len=64 --new=64]
 
 The train step runs on random text encoded by the run's objective into full rows. Step times are
@@ -13,9 +13,13 @@ AdamW on the same architecture, batch and dtype in the same process, alternating
 with jaxft's so that both see the same machine, and prints the ratio. The input pipeline (`input`:
 reading and checking the records, then the TrainStream's batches, tokenized and packed as drawn)
 is measured apart on the config's own data, relative to training (`input_vs_train`: batches
-delivered per batch trained). Prints a summary and one JSON line (also written to --json).
+delivered per batch trained). `--compile-only` compiles the step against the abstract state and
+reports XLA's memory plan per device without allocating anything: will a config fit? Prints a
+summary and one JSON line (also written to --json).
 """
 import json
+import os
+import platform
 import resource
 import time
 
@@ -46,17 +50,22 @@ def flops_per_token(model_cfg, n_matmul_params, seq_len):
                  f'= {flops / 1e6:,.1f} MFLOP per token')
 
 
-def matmul_probe(dtype, n=2048, repeats=5):
-  """Best FLOP/s of an n x n x n jitted matmul on the first device, in the compute dtype."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  mm = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(mm(a, a))
+def best_seconds(fn, repeats=5):
+  """The fastest of `repeats` timed calls of fn() (blocking), after one untimed call."""
+  fn()
   best = float('inf')
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(mm(a, a))
+    fn()
     best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  return best
+
+
+def matmul_probe(dtype, n=2048):
+  """Best FLOP/s of an n x n x n jitted matmul on the first device, in the compute dtype."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  return 2 * n ** 3 / best_seconds(lambda: jax.block_until_ready(mm(a, a)))
 
 
 def device_peak(dtype):
@@ -84,32 +93,64 @@ def synthetic_batch(objective, tok, data_cfg, batch_size):
   return {k: v[:batch_size] for k, v in objective.encode(records, tok, data_cfg).items()}
 
 
-def jax_trainer(cfg):
-  """(model config, matmul params, step() running one blocking train step, compile report)."""
+def jax_trainer(cfg, allocate=True):
+  """(model config, matmul params, step() running one blocking train step, compile report). The
+  step is compiled against the abstract state, so `allocate=False` plans a config's memory
+  without holding it (step is then None)."""
   mesh = sharding.make_mesh(cfg.mesh)
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   built = train.setup(cfg, tok, objective, mesh)
   unused = {'wpe'} | ({'wte'} if objective.has_head else set())  # Lookups, not matmuls.
   n_matmul = sum(n for k, n in built.param_sizes.items() if k not in unused)
-  state = [built.init_fn()]
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          built.abstract, built.shardings)
   batch = sharding.shard_batch(synthetic_batch(objective, tok, cfg.data, cfg.train.batch_size),
                                mesh)
   t0 = time.perf_counter()
-  compiled = built.train_step.lower(state[0], batch).compile()
+  compiled = built.train_step.lower(abstract, batch).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  step_bytes = None if mem is None else (
-      mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-      - mem.alias_size_in_bytes)
+  report = {'mesh': dict(mesh.shape), 'compile_s': round(compile_s, 2),
+            **memory_report(compiled, built.abstract)}
+  if not allocate:
+    return built.model_cfg, n_matmul, None, report
+  state = [built.init_fn()]
 
   def step():
     state[0], metrics = compiled(state[0], batch)
     return float(metrics['loss'])  # Blocks until the step has run.
 
-  return built.model_cfg, n_matmul, step, {'mesh': dict(mesh.shape),
-                                           'compile_s': round(compile_s, 2),
-                                           'step_memory_bytes': step_bytes}
+  return built.model_cfg, n_matmul, step, report
+
+
+def memory_report(compiled, abstract_state):
+  """What the compiled step holds per device, from XLA's buffer assignment (the plan a run
+  allocates, on any backend), and the state's own bytes in total (params, optimizer state)."""
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  out = {'state_bytes': {k: nbytes(abstract_state[k]) for k in ('params', 'opt_state')}}
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {**out, 'step_memory_bytes': None}
+  fields = ('argument', 'output', 'alias', 'temp', 'generated_code', 'host_argument',
+            'host_output', 'host_temp')
+  out['memory_analysis'] = {f: getattr(mem, f'{f}_size_in_bytes', None) for f in fields}
+  # Arguments + temporaries + outputs, the donated (aliased) state counted once.
+  out['step_memory_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                              + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  return out
+
+
+def host_cpu():
+  """The CPU's model name and its widest vector ISA (the matmul peak, and which library reaches
+  it, depend on them)."""
+  info = epath.Path('/proc/cpuinfo')
+  text = info.read_text() if info.exists() else ''
+  model = next((l.split(':', 1)[1].strip() for l in text.splitlines()
+                if l.startswith('model name')), platform.processor() or platform.machine())
+  flags = set(next((l.split(':', 1)[1].split() for l in text.splitlines()
+                    if l.startswith('flags')), []))
+  isa = next((f for f in ('avx512f', 'avx2', 'avx', 'sse4_2') if f in flags), 'unknown')
+  return {'model': model, 'isa': isa, 'cores': os.cpu_count()}
 
 
 def torch_trainer(cfg, model_cfg, has_head):
@@ -146,7 +187,15 @@ def torch_trainer(cfg, model_cfg, has_head):
     return float(loss.detach())
 
   return step, {'torch': torch.__version__, 'transformers': transformers.__version__,
-                'torch_threads': torch.get_num_threads()}
+                'torch_threads': torch.get_num_threads(),
+                'torch_matmul_peak_flops': round(torch_matmul_probe(bf16))}
+
+
+def torch_matmul_probe(bf16, n=2048):
+  """matmul_probe's figure for torch on the CPU: its own BLAS may reach another peak than XLA's."""
+  import torch
+  a = torch.randn(n, n, dtype=torch.bfloat16 if bf16 else torch.float32)
+  return 2 * n ** 3 / best_seconds(lambda: a @ a)
 
 
 def step_stats(times, tokens_per_step):
@@ -158,16 +207,27 @@ def step_stats(times, tokens_per_step):
           'tokens_per_s': round(tokens_per_step / float(np.median(t)), 1)}
 
 
-def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3):
-  """Train-step figures for `cfg` (and transformers + torch on the same shapes)."""
+def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False):
+  """Train-step figures for `cfg` (and transformers + torch on the same shapes). compile_only:
+  the compile time and memory plan alone, nothing allocated (configs too big for this machine)."""
   objective = objectives.get(cfg.objective)
-  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg)
+  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg, allocate=not compile_only)
   B, T = cfg.train.batch_size, cfg.data.seq_len
+  device = jax.devices()[0]
+  result = {
+      'platform': device.platform, 'device_kind': device.device_kind,
+      'devices': jax.device_count(), **({'host_cpu': host_cpu()} if device.platform == 'cpu' else {}),
+      'model': model_cfg.__dict__, 'objective': cfg.objective, 'batch_size': B, 'seq_len': T,
+      'grad_accum': cfg.train.grad_accum, 'moments_dtype': cfg.optim.moments_dtype,
+      'offload': cfg.optim.offload, **report}
+  if compile_only:
+    return result
   flops, formula = flops_per_token(model_cfg, n_matmul, T)
   peak, peak_source = device_peak(model_cfg.dtype)
   steppers = {'jaxft': jax_step}
   if compare_hf:
-    steppers['hf_torch'], report['hf_versions'] = torch_trainer(cfg, model_cfg, objective.has_head)
+    steppers['hf_torch'], result['hf_versions'] = torch_trainer(cfg, model_cfg,
+                                                                objective.has_head)
   times = {name: [] for name in steppers}
   faults = dict.fromkeys(steppers, 0)  # Host page faults: fresh memory touched in the steps.
   last_loss = {}
@@ -185,25 +245,29 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3):
         faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
   stats = {name: {**step_stats(t, B * T), 'host_page_faults_per_step': round(faults[name] / steps)}
            for name, t in times.items()}
-  mem = jax.devices()[0].memory_stats() or {}
-  result = {
-      'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
-      'devices': jax.device_count(),
-      'model': model_cfg.__dict__, 'objective': cfg.objective, 'batch_size': B, 'seq_len': T,
-      'grad_accum': cfg.train.grad_accum, 'steps': steps, 'warmup': warmup, **report,
-      **stats['jaxft'], 'flops_per_token': flops, 'mfu_formula': formula,
-      'peak_flops': round(peak), 'peak_source': peak_source,
+  mem = device.memory_stats() or {}
+  result.update({
+      'steps': steps, 'warmup': warmup, **stats['jaxft'], 'flops_per_token': flops,
+      'mfu_formula': formula, 'peak_flops': round(peak), 'peak_source': peak_source,
       'model_tflops_per_s': round(stats['jaxft']['tokens_per_s'] * flops / 1e12, 4),
       'mfu': round(stats['jaxft']['tokens_per_s'] * flops / peak, 4),
       'peak_device_bytes': mem.get('peak_bytes_in_use'),
       'peak_host_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'reuse_host_memory': cfg.reuse_host_memory, 'final_loss': last_loss['jaxft'],
-  }
+  })
   if compare_hf:
     hf = stats['hf_torch']
-    result['hf_torch'] = {**hf, 'mfu': round(hf['tokens_per_s'] * flops / peak, 4)}
+    # Both over the probe of the jaxft device (one yardstick), and torch's also over the peak
+    # its own BLAS reaches: on a CPU where that is lower, the ratio says so.
+    torch_peak = result['hf_versions']['torch_matmul_peak_flops']
+    result['hf_torch'] = {**hf, 'mfu': round(hf['tokens_per_s'] * flops / peak, 4),
+                          'mfu_of_own_peak': round(hf['tokens_per_s'] * flops / torch_peak, 4)}
     result['jaxft_vs_hf'] = round(stats['jaxft']['tokens_per_s'] / hf['tokens_per_s'], 3)
   return result
+
+
+def size(n):
+  return f'{n / 2 ** 30:.2f} GiB' if n >= 2 ** 30 else f'{n / 2 ** 20:.1f} MiB'
 
 
 def describe(r):
@@ -212,10 +276,23 @@ def describe(r):
   lines = [
       f"{r['platform']} ({r['device_kind']}) x{r['devices']}, mesh {r['mesh']}; "
       f"{r['objective']}: L={m['num_layers']} H={m['num_heads']} D={m['embed_dim']} "
-      f"V={m['vocab_size']} {m['dtype']}, batch {r['batch_size']} x seq {r['seq_len']}",
-      f"compile {r['compile_s']} s; step memory {r['step_memory_bytes']} bytes "
-      f"(arguments + temporaries + outputs); peak host RSS {r['peak_host_rss_mb']} MB; "
-      f"reuse_host_memory {r['reuse_host_memory']}",
+      f"V={m['vocab_size']} {m['dtype']}, batch {r['batch_size']} x seq {r['seq_len']}"
+      + (f"; host {r['host_cpu']['model']} ({r['host_cpu']['isa']}, {r['host_cpu']['cores']} "
+         f"cores)" if 'host_cpu' in r else ''),
+      f"state: params {size(r['state_bytes']['params'])}, optimizer "
+      f"({r['moments_dtype']} moments{', offloaded' if r['offload'] else ''}) "
+      f"{size(r['state_bytes']['opt_state'])} in all; compile {r['compile_s']} s"]
+  if r['step_memory_bytes'] is not None:
+    a = r['memory_analysis']
+    lines.append(
+        f"step memory per device {size(r['step_memory_bytes'])} (XLA's plan: arguments "
+        f"{size(a['argument'])} + temporaries {size(a['temp'])} + outputs {size(a['output'])} "
+        f"- donated {size(a['alias'])})"
+        + (f"; host {size(a['host_argument'] + a['host_temp'])}" if a['host_argument'] else ''))
+  if 'steps' not in r:  # compile_only
+    return '\n'.join(lines)
+  lines += [
+      f"peak host RSS {r['peak_host_rss_mb']} MB; reuse_host_memory {r['reuse_host_memory']}",
       f"MFU formula: {r['mfu_formula']}; peak {r['peak_flops'] / 1e12:.3f} TFLOP/s from "
       f"{r['peak_source']}"]
   rows = [('jaxft', r)] + ([('hf+torch', r['hf_torch'])] if 'hf_torch' in r else [])
@@ -225,7 +302,9 @@ def describe(r):
                  f"{r['steps']} steps)  MFU {s['mfu']:.1%}  "
                  f"{s['host_page_faults_per_step']:,} page faults/step")
   if 'jaxft_vs_hf' in r:
-    lines.append(f"jaxft / hf+torch tokens/s: {r['jaxft_vs_hf']:.3f}x")
+    lines.append(f"jaxft / hf+torch tokens/s: {r['jaxft_vs_hf']:.3f}x; torch's own matmul peak "
+                 f"{r['hf_versions']['torch_matmul_peak_flops'] / 1e12:.3f} TFLOP/s, of which "
+                 f"it reaches {r['hf_torch']['mfu_of_own_peak']:.1%}")
   return '\n'.join(lines)
 
 
@@ -287,7 +366,7 @@ def bench_decode(cfg, batch, prompt_len, new):
 
 def main(argv):
   opts = {'steps': 20, 'warmup': 2, 'batch': 1, 'prompt-len': 64, 'new': 64, 'json': ''}
-  flags = {'decode': False, 'compare-hf': False, 'no-input': False}
+  flags = {'decode': False, 'compare-hf': False, 'no-input': False, 'compile-only': False}
   rest = []
   for a in argv:
     name, _, value = a[2:].partition('=')
@@ -303,9 +382,10 @@ def main(argv):
   if flags['decode']:
     result = bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])
   else:
-    result = bench(cfg, opts['steps'], opts['warmup'], flags['compare-hf'])
+    result = bench(cfg, opts['steps'], opts['warmup'], flags['compare-hf'],
+                   compile_only=flags['compile-only'])
     print(describe(result), flush=True)
-    if not flags['no-input']:
+    if not (flags['no-input'] or flags['compile-only']):
       result['input'] = bench_input(cfg)
       # How many times faster than training consumes them the input path delivers batches
       # (records tokenized and packed on the fly, as in training).

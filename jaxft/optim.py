@@ -2,10 +2,12 @@
 applied to the trainable parameters only (frozen ones get no optimizer state at all), inside
 apply_if_finite (non-finite gradients: skip the update or stop)."""
 import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jaxft import model
 from jaxft.config import ConfigError
@@ -24,7 +26,97 @@ def schedule(optim_cfg, steps):
   raise ConfigError(f"unknown optim.schedule {optim_cfg.schedule!r}; known: 'cosine', 'constant'")
 
 
-MOMENTS_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # optim.moments_dtype -> dtype.
+MOMENTS_DTYPES = ('float32', 'bfloat16', 'int8')  # optim.moments_dtype.
+
+
+class Int8AdamState(NamedTuple):
+  """scale_by_adam's state in 8 bits: each moment as codes (its params' tree and shapes) and one
+  float32 scale per row of the last axis (shapes with that axis 1). About 2.1 bytes per param
+  for both moments instead of 8."""
+  count: jax.Array
+  mu: Any  # int8
+  mu_scale: Any
+  nu: Any  # uint8
+  nu_scale: Any
+
+
+# (code dtype, levels, power): a moment x is stored as sign(x) * round(levels * (|x| / s)^(1/p))
+# for its row's scale s >= |x|. The power spends the levels on small values: mu (signed, p=2)
+# resolves 1/127^2 of s, nu (p=4, the square of gradients, so the update's sqrt(nu) gets p=2
+# too) 1/255^4.
+MU_CODE, NU_CODE = (jnp.int8, 127, 2), (jnp.uint8, 255, 4)
+
+
+def dequantize(codes, scale, code):
+  _, levels, p = code
+  y = codes.astype(jnp.float32) / levels
+  return scale * jnp.sign(y) * jnp.abs(y) ** p
+
+
+def quantize(x, scale, code, key=None):
+  """The codes of float32 `x` under row scales `scale` (>= |x|, broadcast over the last axis).
+  Rounding is to the nearest level, or with `key` stochastic between the two levels around
+  |x|, unbiased (E[dequantize] = x): nu changes by (1 - b2) per step, less than a level's width,
+  which nearest rounding can undo forever. A nonzero x never gets code 0 under stochastic
+  rounding (nu = 0 would divide by eps)."""
+  dtype, levels, p = code
+  y = jnp.minimum(jnp.abs(x) / jnp.where(scale > 0, scale, 1.0), 1.0)
+  c = levels * y ** (1.0 / p)
+  if key is None:
+    q = jnp.round(c)
+  else:
+    lo = jnp.floor(c)
+    below, above = (lo / levels) ** p, ((lo + 1) / levels) ** p
+    q = lo + (jax.random.uniform(key, x.shape) * (above - below) < y - below)
+    q = jnp.where(x != 0, jnp.clip(q, 1, levels), 0)
+  return (jnp.sign(x) * q).astype(dtype)
+
+
+def int8_moments(adam, b1, b2):
+  """`adam` (optax.scale_by_adam with these b1, b2) with its moments held in 8 bits between
+  steps: dequantized to float32 for the update, which itself is exactly adam's, and quantized
+  again after it. A row's new scale is bounded, not measured: b * old scale + (1 - b) * the
+  row's largest |g| (mu) or g^2 (nu) bounds the new moment's row, so dequantize -> Adam ->
+  quantize is one elementwise pass per parameter, and no float32 moment is ever held whole. The
+  stochastic rounding's key comes from the step count: a resumed run draws the same bits."""
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  leaf_map = lambda fn, *trees: jax.tree.map(fn, *trees, is_leaf=is_var)
+
+  def zero_scales(params):  # One per row of the last axis; sharded like the params' rows.
+    def zero(v):
+      axes = tuple(v.get_metadata().get('out_sharding') or (None,) * len(v.shape))
+      return v.replace(jnp.zeros(v.shape[:-1] + (1,)), out_sharding=axes[:-1] + (None,))
+    return leaf_map(zero, params)
+
+  def bound(scales, grads, b, k):
+    return leaf_map(lambda s, g: s.replace(b * s[...] + (1 - b) * jnp.max(
+        jnp.abs(g[...]) ** k, axis=-1, keepdims=True)), scales, grads)
+
+  def encode(moments, scales, code, key=None):
+    leaves, treedef = jax.tree.flatten(moments, is_leaf=is_var)
+    keys = [None] * len(leaves) if key is None else jax.random.split(key, max(len(leaves), 1))
+    scales = jax.tree.leaves(scales, is_leaf=is_var)
+    return jax.tree.unflatten(treedef, [m.replace(quantize(m[...], s[...], code, k))
+                                        for m, s, k in zip(leaves, scales, keys)])
+
+  def decode(codes, scales, code):
+    return leaf_map(lambda q, s: q.replace(dequantize(q[...], s[...], code)), codes, scales)
+
+  def init(params):
+    state, scales = adam.init(params), zero_scales(params)
+    return Int8AdamState(state.count, encode(state.mu, scales, MU_CODE), scales,
+                         encode(state.nu, scales, NU_CODE), scales)
+
+  def update(grads, state, params=None):
+    full = optax.ScaleByAdamState(state.count, decode(state.mu, state.mu_scale, MU_CODE),
+                                  decode(state.nu, state.nu_scale, NU_CODE))
+    updates, full = adam.update(grads, full, params)
+    mu_scale, nu_scale = bound(state.mu_scale, grads, b1, 1), bound(state.nu_scale, grads, b2, 2)
+    key = jax.random.fold_in(jax.random.key(0), full.count)
+    return updates, Int8AdamState(full.count, encode(full.mu, mu_scale, MU_CODE), mu_scale,
+                                  encode(full.nu, nu_scale, NU_CODE, key), nu_scale)
+
+  return optax.GradientTransformation(init, update)
 
 
 def adamw(optim_cfg, lr, mask):
@@ -34,19 +126,21 @@ def adamw(optim_cfg, lr, mask):
   if name not in MOMENTS_DTYPES:
     raise ConfigError(f'unknown optim.moments_dtype {name!r}; known: '
                       + ', '.join(map(repr, MOMENTS_DTYPES)))
-  dtype = MOMENTS_DTYPES[name]
-  tx = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                   weight_decay=optim_cfg.weight_decay, mask=mask, mu_dtype=dtype)
-  if dtype is None:
-    return tx
-  # optax has a mu_dtype but no nu_dtype; scale_by_adam, though, casts nu back to the dtype it is
-  # stored in after every update, so a nu made bf16 at init stays bf16. (bf16 rounds away a
-  # per-step change below ~0.2%: with b2 = 0.999 nu could no longer decay.)
-  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
-  init = lambda params: jax.tree.map(
-      lambda s: s._replace(nu=optax.tree.cast(s.nu, dtype)) if is_adam(s) else s,
-      tx.init(params), is_leaf=is_adam)
-  return tx._replace(init=init)
+  adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             mu_dtype=jnp.bfloat16 if name == 'bfloat16' else None)
+  if name == 'bfloat16':
+    # scale_by_adam has a mu_dtype but no nu_dtype; it casts nu back to the dtype it is stored
+    # in after every update, though, so a nu made bf16 at init stays bf16. (bf16 rounds away a
+    # per-step change below ~0.2%: with b2 = 0.999 nu could no longer decay.)
+    def init(params, init_fp32=adam.init):
+      state = init_fp32(params)
+      return state._replace(nu=optax.tree.cast(state.nu, jnp.bfloat16))
+    adam = adam._replace(init=init)
+  elif name == 'int8':
+    adam = int8_moments(adam, optim_cfg.b1, optim_cfg.b2)
+  # optax.adamw's own chain.
+  return optax.chain(adam, optax.add_decayed_weights(optim_cfg.weight_decay, mask),
+                     optax.scale_by_learning_rate(lr))
 
 
 def trainable_fn(spec):
