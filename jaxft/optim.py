@@ -76,9 +76,10 @@ def int8_moments(adam, b1, b2):
   """`adam` (optax.scale_by_adam with these b1, b2) with its moments held in 8 bits between
   steps: dequantized to float32 for the update, which itself is exactly adam's, and quantized
   again after it. A row's new scale is bounded, not measured: b * old scale + (1 - b) * the
-  row's largest |g| (mu) or g^2 (nu) bounds the new moment's row, so dequantize -> Adam ->
-  quantize is one elementwise pass per parameter, and no float32 moment is ever held whole. The
-  stochastic rounding's key comes from the step count: a resumed run draws the same bits."""
+  row's largest |g| (mu) or g^2 (nu) bounds the new moment's row, so no reduction runs over the
+  new float32 moments and dequantize -> Adam -> quantize can fuse into one elementwise pass per
+  parameter. The stochastic rounding's key comes from the step count: a resumed run draws the
+  same bits."""
   is_var = lambda x: isinstance(x, nnx.Variable)
   leaf_map = lambda fn, *trees: jax.tree.map(fn, *trees, is_leaf=is_var)
 
@@ -103,9 +104,9 @@ def int8_moments(adam, b1, b2):
     return leaf_map(lambda q, s: q.replace(dequantize(q[...], s[...], code)), codes, scales)
 
   def init(params):
-    state, scales = adam.init(params), zero_scales(params)
-    return Int8AdamState(state.count, encode(state.mu, scales, MU_CODE), scales,
-                         encode(state.nu, scales, NU_CODE), scales)
+    state, mu_scale, nu_scale = adam.init(params), zero_scales(params), zero_scales(params)
+    return Int8AdamState(state.count, encode(state.mu, mu_scale, MU_CODE), mu_scale,
+                         encode(state.nu, nu_scale, NU_CODE), nu_scale)
 
   def update(grads, state, params=None):
     full = optax.ScaleByAdamState(state.count, decode(state.mu, state.mu_scale, MU_CODE),
