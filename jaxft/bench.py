@@ -137,6 +137,11 @@ def memory_report(compiled, abstract_state):
   # Arguments + temporaries + outputs, the donated (aliased) state counted once.
   out['step_memory_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                               + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  # What this process may allocate on the device, where the backend says (GPU/TPU; not CPU).
+  limit = (jax.devices()[0].memory_stats() or {}).get('bytes_limit')
+  if limit:
+    out['device_bytes_limit'] = limit
+    out['fits'] = out['step_memory_bytes'] <= limit
   return out
 
 
@@ -288,7 +293,9 @@ def describe(r):
         f"step memory per device {size(r['step_memory_bytes'])} (XLA's plan: arguments "
         f"{size(a['argument'])} + temporaries {size(a['temp'])} + outputs {size(a['output'])} "
         f"- donated {size(a['alias'])})"
-        + (f"; host {size(a['host_argument'] + a['host_temp'])}" if a['host_argument'] else ''))
+        + (f"; host {size(a['host_argument'] + a['host_temp'])}" if a['host_argument'] else '')
+        + (f"; {'fits' if r['fits'] else 'does NOT fit'} in the device's "
+           f"{size(r['device_bytes_limit'])}" if 'fits' in r else ''))
   if 'steps' not in r:  # compile_only
     return '\n'.join(lines)
   lines += [

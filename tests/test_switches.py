@@ -374,6 +374,19 @@ def test_bench_compile_only_plans_memory_without_allocating(tmp_path, capsys, ro
   assert r['step_memory_bytes'] == a['argument'] + a['temp'] + a['output'] - a['alias'] > 0
   assert 'steps' not in r and 'tokens_per_s' not in r
   assert 'step memory per device' in printed and 'int8 moments' in printed
+  assert 'fits' not in r  # The CPU reports no device memory limit ...
+
+  # ... a GPU does: the plan is set against it.
+  batch = bench.synthetic_batch(objectives.get(cfg.objective), tokenizer.build(cfg.tokenizer),
+                                cfg.data, cfg.train.batch_size)
+  mesh = sharding.make_mesh(cfg.mesh)
+  compiled = built.train_step.lower(built.abstract, sharding.shard_batch(batch, mesh)).compile()
+  for limit in (r['step_memory_bytes'], r['step_memory_bytes'] - 1):
+    device = type('Device', (), {'memory_stats': lambda self, limit=limit: {'bytes_limit': limit}})
+    monkeypatch.setattr(jax, 'devices', lambda: [device()])
+    plan = bench.memory_report(compiled, built.abstract)
+    assert plan['fits'] == (limit == r['step_memory_bytes'])
+    assert plan['step_memory_bytes'] == r['step_memory_bytes']
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc\'s')
