@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 
 bf16='--config=configs/demo.py --config.model.dtype=bfloat16 --config.model.vocab_size=50304
       --config.data.seq_len=1024 --no-input'
-b67='--config.model.size=gpt2 --config.model.num_layers=32 --config.model.embed_dim=4096 --config.model.num_heads=32
-     --config.train.batch_size=1 --config.model.remat=nothing_saveable'
+b67='--config.model.size=gpt2 --config.model.num_layers=32 --config.model.embed_dim=4096
+     --config.model.num_heads=32 --config.train.batch_size=1 --config.model.remat=nothing_saveable'
 
 bench() {  # name, then jaxft.bench arguments
   local name=$1

@@ -221,7 +221,8 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False):
   device = jax.devices()[0]
   result = {
       'platform': device.platform, 'device_kind': device.device_kind,
-      'devices': jax.device_count(), **({'host_cpu': host_cpu()} if device.platform == 'cpu' else {}),
+      'devices': jax.device_count(),
+      **({'host_cpu': host_cpu()} if device.platform == 'cpu' else {}),
       'model': model_cfg.__dict__, 'objective': cfg.objective, 'batch_size': B, 'seq_len': T,
       'grad_accum': cfg.train.grad_accum, 'moments_dtype': cfg.optim.moments_dtype,
       'offload': cfg.optim.offload, **report}

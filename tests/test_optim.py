@@ -120,7 +120,7 @@ def test_int8_codes_round_trip_and_stochastic_rounding_is_unbiased():
   p = np.clip((nu - below) / (above - below), 0, 1)
   se = (above - below) * np.sqrt(p * (1 - p) / len(codes))
   err = (np.abs(backs.mean(0) - nu) - 1e-5 * nu)[inside] / se[inside]
-  assert err.max() < 4, err.max()  # Measured: 2.9.
+  assert err.max() < 4, err.max()  # Measured: 3.0.
 
 
 def test_int8_moments_quarter_optimizer_memory_and_track_fp32():
@@ -135,7 +135,7 @@ def test_int8_moments_quarter_optimizer_memory_and_track_fp32():
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(int8[1]['params']))
   nbytes = lambda run: sum(x.nbytes for x in jax.tree.leaves(run[1]['opt_state']))
   assert 3.3 < nbytes(fp32) / nbytes(int8) < 4, (nbytes(fp32), nbytes(int8))
-  np.testing.assert_allclose(int8[0], fp32[0], rtol=1e-5)  # Measured on CPU: 1.4e-6.
+  np.testing.assert_allclose(int8[0], fp32[0], rtol=1e-5)  # Measured on CPU: 2.4e-6.
   assert int8[0] != fp32[0]  # The moments really were rounded.
 
 
@@ -162,7 +162,7 @@ def test_int8_second_moment_decays_like_fp32_at_b2_0999():
     nus[name] = (optim.dequantize(state.nu['w'][...], state.nu_scale['w'][...], optim.NU_CODE)
                  if name == 'int8' else state.nu['w'][...])
   ratio = (np.asarray(nus['int8']) / np.asarray(nus['float32']))[:, 1:]
-  print('int8 / fp32 nu after 1000 steps: mean', ratio.mean(), 'min', ratio.min(), 'max', ratio.max())
+  print('int8 / fp32 nu after 1000 steps: mean', ratio.mean(), 'median', np.median(ratio))
   # Unbiased, not exact: each entry's rounding noise adds up over nu's ~1/(1 - b2) steps of
   # memory, more so at these entries' low codes (1e-4 of the row's largest). Measured: mean
   # 1.017, median 0.88, 10-90% 0.38-1.8 (at b2 = 0.95 after 50 steps: 0.999, 0.98, 0.79-1.24).
