@@ -360,7 +360,7 @@ def test_bench_compile_only_plans_memory_without_allocating(tmp_path, capsys, ro
   printed = capsys.readouterr().out
   r = json.loads(out.read_text())
   cfg = small_config(optim__moments_dtype='int8')
-  _, _, built = parts(cfg, jax.devices())
+  mesh, objective, built = parts(cfg, jax.devices())
   shapes = [x.shape for x in jax.tree.leaves(built.abstract['params'])]
   n = sum(int(np.prod(s)) for s in shapes)
   rows = sum(int(np.prod(s[:-1])) for s in shapes)
@@ -377,9 +377,8 @@ def test_bench_compile_only_plans_memory_without_allocating(tmp_path, capsys, ro
   assert 'fits' not in r  # The CPU reports no device memory limit ...
 
   # ... a GPU does: the plan is set against it.
-  batch = bench.synthetic_batch(objectives.get(cfg.objective), tokenizer.build(cfg.tokenizer),
-                                cfg.data, cfg.train.batch_size)
-  mesh = sharding.make_mesh(cfg.mesh)
+  batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
+                                cfg.train.batch_size)
   compiled = built.train_step.lower(built.abstract, sharding.shard_batch(batch, mesh)).compile()
   for limit in (r['step_memory_bytes'], r['step_memory_bytes'] - 1):
     device = type('Device', (), {'memory_stats': lambda self, limit=limit: {'bytes_limit': limit}})
