@@ -2,6 +2,7 @@
 
     python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
         [--warmup=2] [--compare-hf] [--json=out.json] [--no-input] [--compile-only]
+    python -m jaxft.bench --config=configs/demo.py --compile-only --target=h100 [or h100:8, v5e:2x2]
     python -m jaxft.bench --config=configs/demo.py --decode [--batch=1 --prompt-len=64 --new=64]
 
 The train step runs on random text encoded by the run's objective into full rows. Step times are
@@ -14,8 +15,10 @@ with jaxft's so that both see the same machine, and prints the ratio. The input 
 reading and checking the records, then the TrainStream's batches, tokenized and packed as drawn)
 is measured apart on the config's own data, relative to training (`input_vs_train`: batches
 delivered per batch trained). `--compile-only` compiles the step against the abstract state and
-reports XLA's memory plan per device without allocating anything: will a config fit? Prints a
-summary and one JSON line (also written to --json).
+reports XLA's memory plan per device without allocating anything: will a config fit?
+`--target` compiles it with XLA's compiler for a chip this machine does not have (TARGETS; needs
+the `aot` extra): the plan an H100 or a TPU slice would run, from a CPU box. Prints a summary and
+one JSON line (also written to --json).
 """
 import json
 import os
@@ -39,6 +42,57 @@ DATASHEET_PEAK = {
     'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e12, 'L4': 121e12,
     'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
 }
+
+
+# Chips to plan for without having one (--target). A GPU is described to XLA's GPU compiler by a
+# GpuTargetConfig (the jax-cuda12 plugin): (device name, memory as the driver reports it, SMs,
+# memory bandwidth, L2 bytes), all sm_90. A TPU slice comes from libtpu's topologies: (default
+# single-chip topology, HBM per chip as the TPU compiler counts it, in GiB).
+GPU_TARGETS = {
+    'h100': ('NVIDIA H100 80GB HBM3', 84_942_979_072, 132, 3.35e12, 50 * 2 ** 20),
+    'h200': ('NVIDIA H200', 150_754_820_096, 132, 4.8e12, 50 * 2 ** 20),
+}
+TPU_TARGETS = {'v5e': ('1x1', 15.75), 'v5p': ('1x1x1', 95.74), 'v6e': ('1x1', 31.25)}
+# Of a GPU's memory, what a step may plan on: what JAX's allocator takes at
+# XLA_PYTHON_CLIENT_MEM_FRACTION=.95, leaving the rest to the CUDA context and libraries.
+GPU_MEM_FRACTION = 0.95
+
+
+def gpu_target_config(name, memory, sms, bandwidth, l2):
+  """GpuTargetConfigProto text for a Hopper GPU (the per-SM limits are sm_90's)."""
+  return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32  threads_per_core_limit: 2048
+  shared_memory_per_block: 49152  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536  core_count: {sms}  fpus_per_core: 128
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: {int(bandwidth)}  l2_cache_size: {l2}  clock_rate_ghz: 1.98
+  device_memory_size: {memory}  cuda_compute_capability {{ major: 9 }}
+}}
+platform_name: "CUDA"  dnn_version_info {{ major: 9 minor: 10 }}  device_description_str: "{name}"
+"""
+
+
+def target_devices(target):
+  """(compile-only devices, bytes a step may plan on each) for --target: 'h100' or 'h100:8' (one
+  host's GPUs), 'v5e' or 'v5e:2x2' (a TPU slice's topology)."""
+  from jax.experimental import topologies
+  kind, _, shape = target.partition(':')
+  if kind in GPU_TARGETS:
+    desc = GPU_TARGETS[kind]
+    topo = topologies.get_topology_desc(platform='cuda', target_config=gpu_target_config(*desc),
+                                        topology=f'1x1x{shape or 1}')
+    return topo.devices, int(desc[1] * GPU_MEM_FRACTION)
+  if kind in TPU_TARGETS:
+    single, hbm_gib = TPU_TARGETS[kind]
+    bounds = {'chips_per_host_bounds': (1, 1, 1)} if not shape or shape == single else {}
+    topo = topologies.get_topology_desc(platform='tpu', topology_name=f'{kind}:{shape or single}',
+                                        **bounds)
+    return topo.devices, int(hbm_gib * 2 ** 30)
+  raise config_lib.ConfigError(f'unknown --target {target!r}; known: '
+                               f'{", ".join([*GPU_TARGETS, *TPU_TARGETS])} (":N" GPUs, ":AxB" TPU '
+                               f'topology)')
 
 
 def flops_per_token(model_cfg, n_matmul_params, seq_len):
@@ -93,11 +147,13 @@ def synthetic_batch(objective, tok, data_cfg, batch_size):
   return {k: v[:batch_size] for k, v in objective.encode(records, tok, data_cfg).items()}
 
 
-def jax_trainer(cfg, allocate=True):
+def jax_trainer(cfg, allocate=True, target=None):
   """(model config, matmul params, step() running one blocking train step, compile report). The
   step is compiled against the abstract state, so `allocate=False` plans a config's memory
-  without holding it (step is then None)."""
-  mesh = sharding.make_mesh(cfg.mesh)
+  without holding it (step is then None), and a `target` (see target_devices) plans it for
+  another chip's compiler."""
+  devices, limit = target_devices(target) if target else (None, None)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   built = train.setup(cfg, tok, objective, mesh)
@@ -105,13 +161,25 @@ def jax_trainer(cfg, allocate=True):
   n_matmul = sum(n for k, n in built.param_sizes.items() if k not in unused)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           built.abstract, built.shardings)
-  batch = sharding.shard_batch(synthetic_batch(objective, tok, cfg.data, cfg.train.batch_size),
-                               mesh)
+  batch = synthetic_batch(objective, tok, cfg.data, cfg.train.batch_size)
+  batch = (sharding.shard_batch(batch, mesh) if allocate else
+           {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
+            for k, v in batch.items()})
+  first = mesh.devices.flat[0]
+  report = {'platform': first.platform, 'device_kind': first.device_kind, 'devices': mesh.size,
+            'mesh': dict(mesh.shape), 'target': target}
   t0 = time.perf_counter()
-  compiled = built.train_step.lower(abstract, batch).compile()
-  compile_s = time.perf_counter() - t0
-  report = {'mesh': dict(mesh.shape), 'compile_s': round(compile_s, 2),
-            **memory_report(compiled, built.abstract)}
+  try:
+    compiled = built.train_step.lower(abstract, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if not (target and 'RESOURCE_EXHAUSTED' in str(e)):
+      raise
+    # The TPU compiler refuses a program that exceeds HBM: that is the answer to "will it fit".
+    return built.model_cfg, n_matmul, None, {**report, **memory_report(None, built.abstract),
+                                             'device_bytes_limit': limit, 'fits': False,
+                                             'compile_error': str(e).splitlines()[0][:300]}
+  report['compile_s'] = round(time.perf_counter() - t0, 2)
+  report.update(memory_report(compiled, built.abstract, limit))
   if not allocate:
     return built.model_cfg, n_matmul, None, report
   state = [built.init_fn()]
@@ -123,12 +191,13 @@ def jax_trainer(cfg, allocate=True):
   return built.model_cfg, n_matmul, step, report
 
 
-def memory_report(compiled, abstract_state):
+def memory_report(compiled, abstract_state, limit=None):
   """What the compiled step holds per device, from XLA's buffer assignment (the plan a run
-  allocates, on any backend), and the state's own bytes in total (params, optimizer state)."""
+  allocates, on any backend), and the state's own bytes in total (params, optimizer state),
+  set against `limit` (default: what the backend lets this process allocate, GPU/TPU only)."""
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   out = {'state_bytes': {k: nbytes(abstract_state[k]) for k in ('params', 'opt_state')}}
-  mem = compiled.memory_analysis()
+  mem = compiled and compiled.memory_analysis()
   if mem is None:
     return {**out, 'step_memory_bytes': None}
   fields = ('argument', 'output', 'alias', 'temp', 'generated_code', 'host_argument',
@@ -137,8 +206,7 @@ def memory_report(compiled, abstract_state):
   # Arguments + temporaries + outputs, the donated (aliased) state counted once.
   out['step_memory_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                               + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-  # What this process may allocate on the device, where the backend says (GPU/TPU; not CPU).
-  limit = (jax.devices()[0].memory_stats() or {}).get('bytes_limit')
+  limit = limit or (jax.devices()[0].memory_stats() or {}).get('bytes_limit')
   if limit:
     out['device_bytes_limit'] = limit
     out['fits'] = out['step_memory_bytes'] <= limit
@@ -212,21 +280,19 @@ def step_stats(times, tokens_per_step):
           'tokens_per_s': round(tokens_per_step / float(np.median(t)), 1)}
 
 
-def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False):
+def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False, target=None):
   """Train-step figures for `cfg` (and transformers + torch on the same shapes). compile_only:
-  the compile time and memory plan alone, nothing allocated (configs too big for this machine)."""
+  the compile time and memory plan alone, nothing allocated (configs too big for this machine),
+  for this machine's devices or a `target`'s."""
   objective = objectives.get(cfg.objective)
-  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg, allocate=not compile_only)
+  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg, not (compile_only or target), target)
   B, T = cfg.train.batch_size, cfg.data.seq_len
-  device = jax.devices()[0]
   result = {
-      'platform': device.platform, 'device_kind': device.device_kind,
-      'devices': jax.device_count(),
-      **({'host_cpu': host_cpu()} if device.platform == 'cpu' else {}),
+      **({'host_cpu': host_cpu()} if report['platform'] == 'cpu' else {}),
       'model': model_cfg.__dict__, 'objective': cfg.objective, 'batch_size': B, 'seq_len': T,
       'grad_accum': cfg.train.grad_accum, 'moments_dtype': cfg.optim.moments_dtype,
       'offload': cfg.optim.offload, **report}
-  if compile_only:
+  if compile_only or target:
     return result
   flops, formula = flops_per_token(model_cfg, n_matmul, T)
   peak, peak_source = device_peak(model_cfg.dtype)
@@ -251,7 +317,7 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False):
         faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
   stats = {name: {**step_stats(t, B * T), 'host_page_faults_per_step': round(faults[name] / steps)}
            for name, t in times.items()}
-  mem = device.memory_stats() or {}
+  mem = jax.devices()[0].memory_stats() or {}
   result.update({
       'steps': steps, 'warmup': warmup, **stats['jaxft'], 'flops_per_token': flops,
       'mfu_formula': formula, 'peak_flops': round(peak), 'peak_source': peak_source,
@@ -287,7 +353,12 @@ def describe(r):
          f"cores)" if 'host_cpu' in r else ''),
       f"state: params {size(r['state_bytes']['params'])}, optimizer "
       f"({r['moments_dtype']} moments{', offloaded' if r['offload'] else ''}) "
-      f"{size(r['state_bytes']['opt_state'])} in all; compile {r['compile_s']} s"]
+      f"{size(r['state_bytes']['opt_state'])} in all"
+      + (f"; compile {r['compile_s']} s" if 'compile_s' in r else '')
+      + (f"; compiled for target {r['target']}" if r['target'] else '')]
+  if 'compile_error' in r:
+    lines.append(f"does NOT fit in the device's {size(r['device_bytes_limit'])}: "
+                 f"{r['compile_error']}")
   if r['step_memory_bytes'] is not None:
     a = r['memory_analysis']
     lines.append(
@@ -373,7 +444,8 @@ def bench_decode(cfg, batch, prompt_len, new):
 
 
 def main(argv):
-  opts = {'steps': 20, 'warmup': 2, 'batch': 1, 'prompt-len': 64, 'new': 64, 'json': ''}
+  opts = {'steps': 20, 'warmup': 2, 'batch': 1, 'prompt-len': 64, 'new': 64, 'json': '',
+          'target': ''}
   flags = {'decode': False, 'compare-hf': False, 'no-input': False, 'compile-only': False}
   rest = []
   for a in argv:
@@ -381,19 +453,23 @@ def main(argv):
     if a[2:] in flags:
       flags[a[2:]] = True
     elif name in opts:
-      opts[name] = value if name == 'json' else int(value)
+      opts[name] = value if name in ('json', 'target') else int(value)
     else:
       rest.append(a)
   cfg, _ = config_lib.parse_args(rest)
+  if opts['target']:
+    # This process compiles for the target and runs nothing: its own backend stays the CPU,
+    # which also keeps the plugins that the target needs from looking for their devices here.
+    jax.config.update('jax_platforms', 'cpu')
   if cfg.reuse_host_memory:
     train.reuse_host_memory()
   if flags['decode']:
     result = bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])
   else:
     result = bench(cfg, opts['steps'], opts['warmup'], flags['compare-hf'],
-                   compile_only=flags['compile-only'])
+                   compile_only=flags['compile-only'], target=opts['target'] or None)
     print(describe(result), flush=True)
-    if not (flags['no-input'] or flags['compile-only']):
+    if not (flags['no-input'] or flags['compile-only'] or opts['target']):
       result['input'] = bench_input(cfg)
       # How many times faster than training consumes them the input path delivers batches
       # (records tokenized and packed on the fly, as in training).

@@ -40,6 +40,7 @@ class GPTConfig:
   dtype: str = 'float32'  # Compute dtype; parameters are always float32.
   # Speed and memory switches (configs/common.py says when each helps); none changes the math.
   attention: str = 'auto'  # 'einsum', 'causal_blocks' or 'dot_product' (config_from resolves 'auto').
+  flash: bool = False  # 'dot_product' as cuDNN flash attention (config_from: GPU, bf16/fp16).
   attention_block: int = 64  # causal_blocks: queries per block.
   remat: str = 'none'  # 'none' or a jax.checkpoint_policies name, per block.
   scan_layers: bool = False  # One traced block scanned over the stacked layer params.
@@ -53,8 +54,11 @@ class GPTConfig:
     return self.embed_dim // self.num_heads
 
 
-def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
-  """Resolve `config.model` (preset + overrides) into a GPTConfig."""
+def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
+  """Resolve `config.model` (preset + overrides) into a GPTConfig. `platform` (default: this
+  process's backend) is the one the model will run on, which picks what attention 'auto' means:
+  the mesh's devices, which differ for a compile-only target (jaxft.bench --target)."""
+  platform = platform or jax.default_backend()
   if model_cfg.size not in SIZES:
     raise ConfigError(f'unknown model.size {model_cfg.size!r}; known: {", ".join(SIZES)}')
   layers, heads, embed, max_len = SIZES[model_cfg.size]
@@ -72,13 +76,13 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
   # A config saved before a switch existed (an older run's config.json) gets its default.
   switch = lambda name: model_cfg.get(name, GPTConfig.__dataclass_fields__[name].default)
   attention = switch('attention')
+  # cuDNN's flash kernel: on GPU in bf16/fp16; jax.nn.dot_product_attention falls back to XLA's.
+  flash = platform == 'gpu' and model_cfg.dtype != 'float32'
   if attention not in ATTENTION:
     raise ConfigError(f'unknown model.attention {attention!r}; known: {", ".join(ATTENTION)}')
   if attention == 'auto':  # The fastest exact one for the platform (README, Benchmark).
-    gpu_flash = (jax.default_backend() == 'gpu' and model_cfg.dtype != 'float32'
-                 and not model_cfg.dropout)
-    attention = ('causal_blocks' if jax.default_backend() == 'cpu' else
-                 'dot_product' if gpu_flash else 'einsum')
+    attention = ('causal_blocks' if platform == 'cpu' else
+                 'dot_product' if flash and not model_cfg.dropout else 'einsum')
   if attention == 'dot_product' and model_cfg.dropout:
     raise ConfigError("model.attention='dot_product' has no dropout on attention probabilities; "
                       "set model.dropout=0 or model.attention='einsum'")
@@ -91,6 +95,7 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0):
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,
                    dropout=model_cfg.dropout, dtype=model_cfg.dtype, num_labels=num_labels,
                    attention=attention, attention_block=switch('attention_block'),
+                   flash=flash and attention == 'dot_product',
                    remat=remat, scan_layers=switch('scan_layers'),
                    grad_barrier=switch('grad_barrier'), loss_chunk=switch('loss_chunk'))
 
@@ -179,10 +184,9 @@ class Attention(nnx.Module):
     how, c = self.cfg.attention, self.cfg.attention_block
     L, M = q_BLHK.shape[1], k_BMHK.shape[1]
     if how == 'dot_product':  # cuDNN flash attention on GPU in bf16/fp16, XLA's elsewhere.
-      flash = jax.default_backend() == 'gpu' and q_BLHK.dtype != jnp.float32
       out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BMHK, v_BMHK, mask=mask_B1LM,
                                               is_causal=L == M,
-                                              implementation='cudnn' if flash else None)
+                                              implementation='cudnn' if self.cfg.flash else None)
     elif how == 'causal_blocks' and L == M and L > c and L % c == 0:
       # Query block i only sees keys [0, (i + 1) c): the masked-out upper triangle of blocks is
       # never computed (L = 4c does 10/16 of the work).

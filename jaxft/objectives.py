@@ -338,10 +338,12 @@ OBJECTIVES = {
 }
 
 
-def model_config(cfg, tok):
-  """The GPTConfig of a run: config.model + the tokenizer's vocab + the objective's head."""
+def model_config(cfg, tok, platform=None):
+  """The GPTConfig of a run: config.model + the tokenizer's vocab + the objective's head, for
+  the platform it runs on (default: this process's)."""
   has_head = get(cfg.objective).has_head
-  return model_lib.config_from(cfg.model, tok.vocab_size, labels(cfg.data)[0] if has_head else 0)
+  return model_lib.config_from(cfg.model, tok.vocab_size, labels(cfg.data)[0] if has_head else 0,
+                               platform)
 
 
 def get(name):

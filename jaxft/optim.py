@@ -144,6 +144,33 @@ def adamw(optim_cfg, lr, mask):
                      optax.scale_by_learning_rate(lr))
 
 
+def apply_if_finite(inner, max_consecutive_errors):
+  """optax.apply_if_finite (same state, same decisions) choosing with a select per array instead
+  of lax.cond. A cond's branch hands back the whole updates tree and new optimizer state as
+  finished buffers; a select fuses into the update's elementwise pass, so nothing beyond the
+  new state is held at once. XLA's H100 plan for a 6.7B step with int8 moments: 99.4 -> 50.5 GiB
+  (bench --target=h100; fp32 moments: unchanged)."""
+  def init(params):
+    return optax.ApplyIfFiniteState(jnp.zeros([], jnp.int32), jnp.array(True),
+                                    jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update(grads, state, params=None):
+    finite = jnp.all(jnp.array([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    in_a_row = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
+    apply = finite | (in_a_row > max_consecutive_errors)
+    updates, inner_state = inner.update(grads, state.inner_state, params)
+    # A select, not a product: a NaN update times 0 would still be NaN.
+    updates = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), inner_state,
+                               state.inner_state)
+    return updates, optax.ApplyIfFiniteState(
+        in_a_row, finite,
+        jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)),
+        inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
 def trainable_fn(spec):
   """train.trainable -> predicate on parameter paths: 'all', 'head' (classification's `score`) or
   a regex searched in paths like 'h/0/attn/c_attn_kernel'."""
@@ -171,5 +198,5 @@ def build(optim_cfg, steps, trainable=None):
   # Always wrapped, so the optimizer state has one layout whatever skip_nonfinite says: up to that
   # many non-finite gradients in a row are dropped (no update, moments untouched); past it the
   # update goes through and the trainer stops before anything is saved.
-  tx = optax.apply_if_finite(tx, max_consecutive_errors=optim_cfg.skip_nonfinite)
+  tx = apply_if_finite(tx, optim_cfg.skip_nonfinite)
   return tx, lr

@@ -34,7 +34,7 @@ def build_state(cfg, model_cfg, tx, mesh):
 
   with sharding.activate(mesh):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: init(jax.random.key(0)))  # Traced: no device runs it.
   shardings = sharding.state_shardings(abstract, mesh)
   if cfg.optim.offload:  # Between steps the optimizer state lives in host memory.
     shardings['opt_state'] = jax.tree.map(lambda s: s.with_memory_kind('pinned_host'),
@@ -273,7 +273,7 @@ def setup(cfg, tok, objective, mesh):
   """What a run trains, built from the config without allocating anything (run() and
   jaxft.bench): model_cfg, trainable, tx, lr_schedule, graphdef, abstract (state), shardings,
   init_fn, train_step and param_sizes ({path: size})."""
-  model_cfg = objectives.model_config(cfg, tok)
+  model_cfg = objectives.model_config(cfg, tok, mesh.devices.flat[0].platform)
   trainable = trainable_fn(cfg, objective)
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, trainable)
   graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)

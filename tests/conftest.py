@@ -5,6 +5,9 @@ import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
+# The CPU only, here and in the tests' subprocesses: the `aot` extra's GPU and TPU plugins (for
+# jaxft.bench --target) would otherwise look for their devices.
+os.environ['JAX_PLATFORMS'] = 'cpu'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -388,6 +388,64 @@ def test_bench_compile_only_plans_memory_without_allocating(tmp_path, capsys, ro
     assert plan['step_memory_bytes'] == r['step_memory_bytes']
 
 
+def test_attention_auto_and_flash_follow_the_platform_the_model_runs_on():
+  """'auto' is the platform's fastest exact attention, and cuDNN's flash kernel is used only on
+  GPU in bf16: the platform is the mesh's (a compile-only target's), not this process's."""
+  resolve = lambda platform, **o: model_lib.config_from(small_config(**o).model, 258,
+                                                         platform=platform)
+  picks = [(c.attention, c.flash) for c in (
+      resolve('cpu'), resolve('gpu'), resolve('gpu', model__dtype='bfloat16'),
+      resolve('gpu', model__dtype='bfloat16', model__dropout=0.1), resolve('tpu'),
+      resolve('gpu', model__dtype='bfloat16', model__attention='einsum'))]
+  assert picks == [('causal_blocks', False), ('einsum', False), ('dot_product', True),
+                   ('einsum', False), ('einsum', False), ('einsum', False)]
+  assert resolve(None).attention == 'causal_blocks'  # This process's backend: the CPU.
+
+
+def test_bench_target_plans_the_step_for_chips_this_machine_lacks(tmp_path, capsys, root):
+  """--target: the step compiled by XLA's own compiler for an H100 and for a TPU v5e slice
+  (fsdp over its 4 chips) on this CPU-only machine, set against that chip's memory; a model
+  too big for it does not fit (the TPU compiler refuses it outright)."""
+  def plan(target, **overrides):
+    out = tmp_path / f'{target}.json'
+    bench.main([f'--config={os.path.join(root, "configs", "demo.py")}'] +
+               [f'--config.{k}={v}' for k, v in {**SMALL, **overrides}.items()] +
+               [f'--target={target}', f'--json={out}'])
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+  r, printed = plan('h100', **{'model.dtype': 'bfloat16'})
+  assert (r['platform'], r['device_kind'], r['devices']) == ('gpu', 'NVIDIA H100 80GB HBM3', 1)
+  assert (r['model']['attention'], r['model']['flash']) == ('dot_product', True)  # cuDNN's.
+  a = r['memory_analysis']
+  assert r['step_memory_bytes'] == a['argument'] + a['temp'] + a['output'] - a['alias'] > 0
+  assert r['device_bytes_limit'] == int(84_942_979_072 * 0.95) and r['fits']
+  assert 'steps' not in r and 'compiled for target h100' in printed and 'fits in' in printed
+
+  # 8.6B params (an 8M-row vocab): 34 GB of fp32 params and 69 GB of moments.
+  huge = {'model.vocab_size': str(2 ** 23), 'model.embed_dim': '1024'}
+  r, printed = plan('h100', **huge)
+  assert r['state_bytes']['params'] > 4 * 2 ** 23 * 1024
+  assert r['step_memory_bytes'] > 3 * r['state_bytes']['params'] > r['device_bytes_limit']
+  assert not r['fits'] and 'does NOT fit' in printed
+
+  fsdp, wide = {'mesh.data': '1', 'mesh.fsdp': '4'}, {'model.embed_dim': '256'}
+  r, _ = plan('v5e:2x2', **fsdp, **wide)
+  assert (r['device_kind'], r['devices'], r['mesh']['fsdp']) == ('TPU v5 lite', 4, 4)
+  assert r['model']['attention'] == 'einsum' and r['fits']
+  assert r['device_bytes_limit'] == int(15.75 * 2 ** 30)
+  replicated, _ = plan('v5e:2x2', **{'mesh.data': '4', 'mesh.fsdp': '1'}, **wide)
+  assert replicated['memory_analysis']['argument'] >= sum(r['state_bytes'].values())
+  # fsdp: each chip holds a quarter of the params and moments, padded to the TPU's tiles (the
+  # head_dim of 64 to 128 lanes): measured 0.33 of the replicated arguments.
+  assert r['memory_analysis']['argument'] < 0.4 * replicated['memory_analysis']['argument']
+  r, printed = plan('v5e:2x2', **fsdp, **huge)
+  assert not r['fits'] and r['step_memory_bytes'] is None
+  assert 'RESOURCE_EXHAUSTED' in r['compile_error'] and 'does NOT fit' in printed
+
+  with pytest.raises(ConfigError, match=r"unknown --target 'a100'; known: h100, h200, v5e"):
+    plan('a100')
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc\'s')
 def test_reuse_host_memory_stops_faulting_the_step_memory_in_afresh(tmp_path, root):
   """reuse_host_memory (glibc malloc keeps what it frees, train.reuse_host_memory): the same
