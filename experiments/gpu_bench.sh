@@ -8,7 +8,7 @@
 #
 # Writes OUT_DIR/<name>.json (jaxft.bench --json) and OUT_DIR/<name>.log per measurement and
 # goes on past a failed one (an out-of-memory is a result too). Extra flags go to every bench
-# command: `--compile-only` on a CPU checks that every command parses and compiles. Needs jaxft's
+# command: `--target=h100` on a CPU box gives XLA's H100 plan of each (no step runs). Needs jaxft's
 # dependencies (a GPU image with jax, flax, optax and orbax may lack ml-collections: pip-install
 # it, or carry its wheel).
 set -uo pipefail
@@ -37,13 +37,14 @@ bench gpt2_xla_attention $bf16 --config.model.size=gpt2 --config.train.batch_siz
   --config.model.attention=einsum --steps=20 "$@"
 # 1.5B.
 bench gpt2_xl $bf16 --config.model.size=gpt2-xl --config.train.batch_size=8 --steps=10 "$@"
-# 6.7B: the plan per optimizer state, then real steps in what an 80 GB card gives JAX (76,000
-# MiB of its 81,559: XLA_PYTHON_CLIENT_MEM_FRACTION of this device's memory).
+# 6.7B: the plan per optimizer state, then real steps in what an 80 GB H100 gives JAX at
+# XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (bench.GPU_MEM_FRACTION of its 81,008 MiB), as a fraction
+# of this device's memory.
 for moments in float32 int8; do
   bench plan_6.7b_$moments $bf16 $b67 --config.optim.moments_dtype=$moments --compile-only "$@"
 done
 bench plan_6.7b_offload $bf16 $b67 --config.optim.offload=True --compile-only "$@"
 total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-fraction=$(python3 -c "print(min(1.0, 76000 / ${total_mib:-76000}))")
+fraction=$(python3 -c "print(min(1.0, 0.95 * 81008 / ${total_mib:-81008}))")
 XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction \
   bench run_6.7b_int8_80gb $bf16 $b67 --config.optim.moments_dtype=int8 --steps=3 --warmup=1 "$@"

@@ -152,6 +152,10 @@ def jax_trainer(cfg, allocate=True, target=None):
   step is compiled against the abstract state, so `allocate=False` plans a config's memory
   without holding it (step is then None), and a `target` (see target_devices) plans it for
   another chip's compiler."""
+  if target and cfg.optim.offload:
+    raise config_lib.ConfigError(
+        'optim.offload with --target: a compile-only target has no host memory, so its plan '
+        'would hold the offloaded optimizer state on the device; plan it on the machine itself')
   devices, limit = target_devices(target) if target else (None, None)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   tok = tokenizer_lib.build(cfg.tokenizer)

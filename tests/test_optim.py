@@ -201,3 +201,29 @@ def test_int8_moments_resume_onto_another_mesh(tmp_path, capsys):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_apply_if_finite_by_select_matches_optax_cond():
+  """jaxft's apply_if_finite (a select per array) takes optax.apply_if_finite's decisions with
+  its state layout: NaN / inf gradients are dropped (zero update, Adam state kept) up to
+  max_consecutive_errors in a row, then let through; the counters agree at every step."""
+  inner = optax.adam(0.1)
+  ours, theirs = optim.apply_if_finite(inner, 2), optax.apply_if_finite(inner, 2)
+  params = {'w': jnp.arange(6.0).reshape(2, 3), 'b': jnp.ones(3)}
+  bad = lambda v: {'w': jnp.full((2, 3), v), 'b': jnp.ones(3)}
+  grads = [bad(0.5), bad(jnp.nan), bad(jnp.inf), bad(0.25), bad(jnp.nan), bad(jnp.nan),
+           bad(jnp.nan), bad(1.0)]
+  s_ours, s_theirs = ours.init(params), theirs.init(params)
+  assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)
+  applied = []
+  for g in grads:
+    u_ours, s_ours = jax.jit(ours.update)(g, s_ours, params)
+    u_theirs, s_theirs = jax.jit(theirs.update)(g, s_theirs, params)
+    np.testing.assert_array_equal(u_ours['b'], u_theirs['b'])
+    np.testing.assert_array_equal(u_ours['w'], u_theirs['w'])  # NaN where both let NaN through.
+    for a, b in zip(jax.tree.leaves(s_ours), jax.tree.leaves(s_theirs)):
+      np.testing.assert_array_equal(a, b)
+    applied.append(bool(jnp.any(u_ours['b'] != 0)))
+  # Finite, dropped twice, finite, dropped twice, the third NaN in a row let through, finite.
+  assert applied == [True, False, False, True, False, False, True, True]
+  assert int(s_ours.total_notfinite) == 5

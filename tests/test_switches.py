@@ -444,6 +444,8 @@ def test_bench_target_plans_the_step_for_chips_this_machine_lacks(tmp_path, caps
 
   with pytest.raises(ConfigError, match=r"unknown --target 'a100'; known: h100, h200, v5e"):
     plan('a100')
+  with pytest.raises(ConfigError, match=r'optim\.offload with --target: .* no host memory'):
+    plan('h100', **{'optim.offload': 'True'})
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc\'s')
