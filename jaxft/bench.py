@@ -2,7 +2,7 @@
 
     python -m jaxft.bench --config=configs/demo.py [--config.key=value ...] [--steps=20]
         [--warmup=2] [--compare-hf] [--json=out.json] [--no-input] [--compile-only]
-    python -m jaxft.bench --config=configs/demo.py --compile-only --target=h100 [or h100:8, v5e:2x2]
+    python -m jaxft.bench --config=configs/demo.py --target=h100 [or h200, h100:8, v5e:2x2, v5p]
     python -m jaxft.bench --config=configs/demo.py --decode [--batch=1 --prompt-len=64 --new=64]
 
 The train step runs on random text encoded by the run's objective into full rows. Step times are
@@ -305,7 +305,7 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False, 
     steppers['hf_torch'], result['hf_versions'] = torch_trainer(cfg, model_cfg,
                                                                 objective.has_head)
   times = {name: [] for name in steppers}
-  faults = dict.fromkeys(steppers, 0)  # Host page faults: fresh memory touched in the steps.
+  faults = {name: [] for name in steppers}  # Host page faults: fresh memory touched per step.
   last_loss = {}
   for name, step in steppers.items():
     for _ in range(warmup):
@@ -318,8 +318,12 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False, 
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         last_loss[name] = step()
         times[name].append(time.perf_counter() - t0)
-        faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-  stats = {name: {**step_stats(t, B * T), 'host_page_faults_per_step': round(faults[name] / steps)}
+        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  # The median too: now and then the kernel takes back a process's idle pages, and the next
+  # step faults them all in again.
+  stats = {name: {**step_stats(t, B * T),
+                  'host_page_faults_per_step': round(float(np.mean(faults[name]))),
+                  'host_page_faults_median': round(float(np.median(faults[name])))}
            for name, t in times.items()}
   mem = jax.devices()[0].memory_stats() or {}
   result.update({
@@ -468,6 +472,8 @@ def main(argv):
   if cfg.reuse_host_memory:
     train.reuse_host_memory()
   if flags['decode']:
+    if opts['target']:
+      raise config_lib.ConfigError('--target plans the train step; --decode runs here')
     result = bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])
   else:
     result = bench(cfg, opts['steps'], opts['warmup'], flags['compare-hf'],

@@ -458,17 +458,18 @@ def test_reuse_host_memory_stops_faulting_the_step_memory_in_afresh(tmp_path, ro
     subprocess.run([sys.executable, '-m', 'jaxft.bench', '--config=configs/demo.py',
                     '--config.model.embed_dim=128', '--config.data.seq_len=256',
                     '--config.train.batch_size=16', f'--config.reuse_host_memory={on}',
-                    '--steps=4', '--no-input', f'--json={out}'],
+                    '--steps=8', '--no-input', f'--json={out}'],
                    cwd=root, env={**os.environ, 'XLA_FLAGS': ''}, check=True, capture_output=True)
     runs[on] = json.loads(out.read_text())
   on, off = runs[True], runs[False]
   assert on['final_loss'] == off['final_loss']  # Same init, batch and steps: to the bit.
   # Off, each step faults in (nearly) all of its ~216 MB of buffers: measured 98% of the pages.
   pages = off['step_memory_bytes'] / 4096
-  assert off['host_page_faults_per_step'] > 0.5 * pages
-  # On, they are reused: measured 0 (this sandbox's kernel sometimes reclaims them: one step in
-  # ~5 refaults them all, hence the margin).
-  assert on['host_page_faults_per_step'] < 0.3 * off['host_page_faults_per_step']
+  assert off['host_page_faults_median'] > 0.5 * pages
+  # On, they are reused: the median step faults in none (measured 0). Not the mean: this
+  # sandbox's kernel now and then takes the idle pages back, and the next step faults them all
+  # in again (seen in 1 or 2 steps of 12).
+  assert on['host_page_faults_median'] < 0.1 * off['host_page_faults_median']
 
 
 def test_offloaded_optimizer_state_stays_on_the_host_and_resumes(tmp_path, capsys):
