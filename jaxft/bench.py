@@ -288,15 +288,16 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False, 
   """Train-step figures for `cfg` (and transformers + torch on the same shapes). compile_only:
   the compile time and memory plan alone, nothing allocated (configs too big for this machine),
   for this machine's devices or a `target`'s."""
+  compile_only = compile_only or bool(target)  # A target's step can only be planned.
   objective = objectives.get(cfg.objective)
-  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg, not (compile_only or target), target)
+  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg, not compile_only, target)
   B, T = cfg.train.batch_size, cfg.data.seq_len
   result = {
       **({'host_cpu': host_cpu()} if report['platform'] == 'cpu' else {}),
       'model': model_cfg.__dict__, 'objective': cfg.objective, 'batch_size': B, 'seq_len': T,
       'grad_accum': cfg.train.grad_accum, 'moments_dtype': cfg.optim.moments_dtype,
       'offload': cfg.optim.offload, **report}
-  if compile_only or target:
+  if compile_only:
     return result
   flops, formula = flops_per_token(model_cfg, n_matmul, T)
   peak, peak_source = device_peak(model_cfg.dtype)
