@@ -1,50 +1,64 @@
 #!/usr/bin/env bash
-# The accelerator figures of the performance issue in one run: training throughput and MFU at
-# GPT-2 124M and 1.5B (bf16 compute, fp32 params + AdamW, T=1024), XLA's memory plan for a 6.7B
-# GPT-2-family model (L=32, D=4096) under each optimizer-state saver, and a few real steps of it
-# with the memory capped at 80 GB.
+# The accelerator figures of the performance issue in one run, sized for one lent GPU session (a
+# 10-minute command): training throughput and MFU at GPT-2 124M and 1.5B (bf16 compute, fp32
+# params + AdamW, T=1024), real steps of a 6.7B GPT-2-family model (L=32, D=4096, int8 AdamW
+# moments, B=4 without remat; B=1 with full remat if that fails) in the memory an 80 GB H100
+# gives JAX, then 124M with XLA's attention instead of cuDNN's, and XLA's plan for the 6.7B model
+# with its optimizer state offloaded to the host.
 #
 #   bash experiments/gpu_bench.sh OUT_DIR [extra jaxft.bench flags]
 #
-# Writes OUT_DIR/<name>.json (jaxft.bench --json) and OUT_DIR/<name>.log per measurement and
-# goes on past a failed one (an out-of-memory is a result too). Extra flags go to every bench
-# command: `--target=h100` on a CPU box gives XLA's H100 plan of each (no step runs). Needs jaxft's
-# dependencies (a GPU image with jax, flax, optax and orbax may lack ml-collections: pip-install
-# it, or carry its wheel).
+# Writes OUT_DIR/results.jsonl (one jaxft.bench --json line per measurement, in this order) and
+# OUT_DIR/bench.log (every command's output), and goes on past a failed one (an out-of-memory is
+# a result too; each command has BENCH_TIMEOUT seconds, default 300). The 6.7B plans with fp32
+# and int8 moments need no GPU: `--target=h100` as the extra flag gives XLA's H100 plan of every
+# command here on a CPU box (README, Benchmark); the offload plan is refused there.
+# On a GPU image with jax, optax and orbax but not ml-collections, carry jaxft's pure-Python
+# wheels (experiments/README.md, Accelerator figures).
 set -uo pipefail
 out=${1:?usage: gpu_bench.sh OUT_DIR [extra bench flags]}
 shift
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 
 bf16='--config=configs/demo.py --config.model.dtype=bfloat16 --config.model.vocab_size=50304
       --config.data.seq_len=1024 --no-input'
 b67='--config.model.size=gpt2 --config.model.num_layers=32 --config.model.embed_dim=4096
-     --config.model.num_heads=32 --config.train.batch_size=1 --config.model.remat=nothing_saveable'
+     --config.model.num_heads=32'
+lean='--config.train.batch_size=1 --config.model.remat=nothing_saveable'
 
-bench() {  # name, then jaxft.bench arguments
-  local name=$1
+bench() {  # name, then jaxft.bench arguments; fails if the command did
+  local name=$1 rc=0
   shift
-  echo "== $name: python -m jaxft.bench $*"
-  python3 -m jaxft.bench "$@" --json="$out/$name.json" >"$out/$name.log" 2>&1 \
-    || echo "   failed (exit $?): see $out/$name.log"
+  echo "== $name: python -m jaxft.bench $*" | tee -a "$out/bench.log"
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m jaxft.bench "$@" --json="$out/$name.json" \
+    >"$out/$name.log" 2>&1 || rc=$?
+  [ $rc = 0 ] || echo "   failed (exit $rc)" | tee -a "$out/bench.log"
   grep -E '^(jaxft|state|step memory)' "$out/$name.log" | sed 's/^/   /'
+  cat "$out/$name.log" >>"$out/bench.log"
+  [ -s "$out/$name.json" ] && cat "$out/$name.json" >>"$out/results.jsonl"
+  rm -f "$out/$name.json" "$out/$name.log"
+  return $rc
 }
 
-# 124M: the default attention on GPU in bf16 is cuDNN flash attention; XLA's own for comparison.
+# 124M: the default attention on GPU in bf16 is cuDNN flash attention.
 bench gpt2 $bf16 --config.model.size=gpt2 --config.train.batch_size=16 --steps=20 "$@"
-bench gpt2_xla_attention $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
-  --config.model.attention=einsum --steps=20 "$@"
 # 1.5B.
 bench gpt2_xl $bf16 --config.model.size=gpt2-xl --config.train.batch_size=8 --steps=10 "$@"
-# 6.7B: the plan per optimizer state, then real steps in what an 80 GB H100 gives JAX at
-# XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (bench.GPU_MEM_FRACTION of its 81,008 MiB), as a fraction
-# of this device's memory.
-for moments in float32 int8; do
-  bench plan_6.7b_$moments $bf16 $b67 --config.optim.moments_dtype=$moments --compile-only "$@"
-done
-bench plan_6.7b_offload $bf16 $b67 --config.optim.offload=True --compile-only "$@"
+# 6.7B: real steps in what an 80 GB H100 gives JAX at XLA_PYTHON_CLIENT_MEM_FRACTION=.95
+# (bench.GPU_MEM_FRACTION of its 81,008 MiB), as a fraction of this device's memory.
 total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
 fraction=$(python3 -c "print(min(1.0, 0.95 * 81008 / ${total_mib:-81008}))")
-XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction \
-  bench run_6.7b_int8_80gb $bf16 $b67 --config.optim.moments_dtype=int8 --steps=3 --warmup=1 "$@"
+# XLA's H100 plans: 62.2 GiB of 75.2 at B=4 without remat, 50.5 at B=1 with full remat.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction
+bench run_6.7b_int8_80gb $bf16 $b67 --config.optim.moments_dtype=int8 --config.train.batch_size=4 \
+    --steps=3 --warmup=1 "$@" \
+  || bench run_6.7b_int8_80gb_remat $bf16 $b67 $lean --config.optim.moments_dtype=int8 --steps=3 \
+    --warmup=1 "$@"
+unset XLA_PYTHON_CLIENT_MEM_FRACTION
+# 124M with XLA's own attention: the speed of cuDNN's, and (same batch, seed and steps) its final
+# loss should agree with the first line's to bf16 rounding.
+bench gpt2_xla_attention $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
+  --config.model.attention=einsum --steps=20 "$@"
+bench plan_6.7b_offload $bf16 $b67 $lean --config.optim.offload=True --compile-only "$@"

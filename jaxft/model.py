@@ -108,6 +108,28 @@ def path_str(key_path):
   return '/'.join(str(p) for p in parts)
 
 
+@jax.custom_vjp
+def head_matmul(h_ND, w_VD):
+  """The LM head's logits h @ w^T [..., vocab], accumulated and returned in float32. Autodiff of
+  a dot with preferred_element_type=float32 hands its float32 cotangent to both backward matmuls
+  ([..., vocab] x [vocab, embed] and the wte gradient), so under bf16 compute they would run in
+  float32, the step's largest matmuls after the forward's; here the logit gradient is cast to the
+  compute dtype first, as every other matmul's backward already is. Identical in float32."""
+  return jnp.einsum('...d,vd->...v', h_ND, w_VD, preferred_element_type=jnp.float32)
+
+
+def _head_matmul_bwd(res, g_NV):
+  h_ND, w_VD = res
+  g_NV = g_NV.astype(h_ND.dtype)
+  return (jnp.einsum('...v,vd->...d', g_NV, w_VD),
+          jnp.einsum('...v,...d->vd', g_NV, h_ND, preferred_element_type=jnp.float32
+                     ).astype(w_VD.dtype))
+
+
+head_matmul.defvjp(lambda h_ND, w_VD: (head_matmul(h_ND, w_VD), (h_ND, w_VD)),
+                   _head_matmul_bwd)
+
+
 def map_with_path(fn, tree, *rest):
   """jax.tree.map with the parameter path string as the first argument."""
   return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
@@ -333,8 +355,7 @@ class GPT(nnx.Module):
     ids (>= tokenizer_vocab) get -1e9 added, so the padded vocab changes no probability (and HF
     exports can drop those rows). An added constant, not a select: its gradient is the identity,
     so the backward pass makes no masked copy of the [tokens, vocab] logit gradient."""
-    logits_BLV = jnp.einsum('...d,vd->...v', hidden_BLD, self.wte[...].astype(hidden_BLD.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BLV = head_matmul(hidden_BLD, self.wte[...].astype(hidden_BLD.dtype))
     if 0 < self.cfg.tokenizer_vocab < self.cfg.vocab_size:
       padding_V = jnp.arange(self.cfg.vocab_size) >= self.cfg.tokenizer_vocab
       logits_BLV += jnp.where(padding_V, -1e9, 0.)

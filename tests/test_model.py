@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -53,6 +54,42 @@ def test_padded_vocab_ids_get_no_probability_and_no_gradient():
   grad = nnx.grad(loss)(m).wte[...]
   assert float(jnp.abs(grad[258:]).max()) == 0.0 and float(jnp.abs(grad[:258]).max()) > 0
   np.testing.assert_allclose(loss(m), loss(m, cut=258), rtol=1e-6)
+
+
+def test_lm_head_backward_matmuls_run_in_the_compute_dtype():
+  """The logits are float32 (model.head_matmul), but under bf16 compute the two backward matmuls
+  take the logit gradient in bf16: autodiff of the float32-output einsum hands them the float32
+  [tokens, vocab] cotangent (in XLA's H100 plan of gpt2 both were f32 x f32 dots). In float32
+  the gradients are autodiff's exactly; in bf16 they are within bf16 rounding of it."""
+  def vocab_dot_inputs(fn, *args):  # dtypes of [.., vocab] operands of the dots in grad(fn)
+    jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=tuple(range(len(args)))))(*args)
+    return {str(v.aval.dtype) for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general'
+            for v in e.invars if v.aval.shape[-1] == 384}
+
+  m = make({'model__dtype': 'bfloat16'})
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 16)))
+  graphdef, state = nnx.split(m)
+  model_loss = lambda state: nnx.merge(graphdef, state).token_losses(
+      nnx.merge(graphdef, state).hidden(tokens[:, :-1]), tokens[:, 1:]).mean()
+  assert vocab_dot_inputs(model_loss, state) == {'bfloat16'}
+
+  autodiff = lambda h, w: jnp.einsum('...d,vd->...v', h, w, preferred_element_type=jnp.float32)
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  h, w = jax.random.normal(k1, (2, 16, 64)), 0.1 * jax.random.normal(k2, (384, 64))
+  labels = jax.random.randint(k3, (2, 16), 0, 384)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    def loss(head):
+      return lambda h, w: optax.softmax_cross_entropy_with_integer_labels(
+          head(h.astype(dtype), w.astype(dtype)), labels).mean()
+    ours, ref = (jax.grad(loss(f), (0, 1))(h, w) for f in (model_lib.head_matmul, autodiff))
+    if dtype == jnp.float32:
+      for g, r in zip(ours, ref):
+        np.testing.assert_array_equal(g, r)
+    else:
+      assert vocab_dot_inputs(loss(autodiff), h, w) == {'float32'}  # What is avoided.
+      assert vocab_dot_inputs(loss(model_lib.head_matmul), h, w) == {'bfloat16'}
+      for g, r in zip(ours, ref):
+        np.testing.assert_allclose(g, r, atol=1e-2 * float(jnp.abs(r).max()))
 
 
 def test_causal_no_future_leak():
