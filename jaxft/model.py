@@ -9,7 +9,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from jaxft.config import ConfigError
@@ -128,6 +127,16 @@ def _head_matmul_bwd(res, g_NV):
 
 head_matmul.defvjp(lambda h_ND, w_VD: (head_matmul(h_ND, w_VD), (h_ND, w_VD)),
                    _head_matmul_bwd)
+
+
+def cross_entropy(logits_NV, targets_N):
+  """-log softmax(logits)[target], as optax.softmax_cross_entropy_with_integer_labels computes it
+  (logsumexp minus the target's logit), with the target's logit picked by a compare-and-sum over
+  the vocab instead of a gather. The gather's backward is a scatter into the [tokens, vocab]
+  gradient, which XLA cannot fuse with the softmax gradient and its cast to the compute dtype;
+  a select can (XLA's H100 plan of gpt2: one float32 [tokens, vocab] write and read less)."""
+  hit_NV = jnp.arange(logits_NV.shape[-1]) == targets_N[..., None]
+  return jax.nn.logsumexp(logits_NV, -1) - jnp.sum(jnp.where(hit_NV, logits_NV, 0.), -1)
 
 
 def map_with_path(fn, tree, *rest):
@@ -365,8 +374,7 @@ class GPT(nnx.Module):
     """Next-token cross-entropy [batch, length] from the final hidden states. With cfg.loss_chunk
     the [tokens, vocab] logits exist loss_chunk tokens at a time and are recomputed in the
     backward pass, so full float32 logits (B*L*V*4 bytes) are never held."""
-    ce = lambda h_NxD, t_N: optax.softmax_cross_entropy_with_integer_labels(
-        self.logits(h_NxD), t_N)
+    ce = lambda h_NxD, t_N: cross_entropy(self.logits(h_NxD), t_N)
     n = self.cfg.loss_chunk
     B, L, D = hidden_BLD.shape
     if not n or n >= B * L:

@@ -92,6 +92,26 @@ def test_lm_head_backward_matmuls_run_in_the_compute_dtype():
         np.testing.assert_allclose(g, r, atol=1e-2 * float(jnp.abs(r).max()))
 
 
+def test_cross_entropy_is_optaxs_without_a_scatter_in_its_backward():
+  """model.cross_entropy: the losses of optax.softmax_cross_entropy_with_integer_labels bit for
+  bit (large logits too), gradients within float32 rounding, and no scatter into the [tokens,
+  vocab] gradient (optax's gather has one; it kept XLA from fusing the softmax gradient with its
+  bf16 cast, one more float32 pass over the logits in XLA's H100 plan)."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  logits = 30 * jax.random.normal(k1, (64, 384))
+  targets = jax.random.randint(k2, (64,), 0, 384)
+  np.testing.assert_array_equal(model_lib.cross_entropy(logits, targets),
+                                optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+  ours, theirs = (jax.grad(lambda x: fn(x, targets).sum())(logits) for fn in (
+      model_lib.cross_entropy, optax.softmax_cross_entropy_with_integer_labels))
+  np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+  scatters = lambda fn: 'scatter' in jax.jit(jax.grad(lambda x: fn(x, targets).sum())).lower(
+      logits).as_text()
+  assert scatters(optax.softmax_cross_entropy_with_integer_labels)
+  assert not scatters(model_lib.cross_entropy)
+
+
 def test_causal_no_future_leak():
   m = make()
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
