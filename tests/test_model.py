@@ -69,8 +69,10 @@ def test_lm_head_backward_matmuls_run_in_the_compute_dtype():
   m = make({'model__dtype': 'bfloat16'})
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 16)))
   graphdef, state = nnx.split(m)
-  model_loss = lambda state: nnx.merge(graphdef, state).token_losses(
-      nnx.merge(graphdef, state).hidden(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+  def model_loss(state):
+    model = nnx.merge(graphdef, state)
+    return model.token_losses(model.hidden(tokens[:, :-1]), tokens[:, 1:]).mean()
   assert vocab_dot_inputs(model_loss, state) == {'bfloat16'}
 
   autodiff = lambda h, w: jnp.einsum('...d,vd->...v', h, w, preferred_element_type=jnp.float32)
