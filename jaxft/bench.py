@@ -465,7 +465,7 @@ def main(argv):
       opts[name] = value if name in ('json', 'target') else int(value)
     else:
       rest.append(a)
-  cfg, _ = config_lib.parse_args(rest)
+  cfg, _ = config_lib.parse_args(rest, usage=__doc__.split('\n\n')[1].strip())
   if opts['target']:
     # This process compiles for the target and runs nothing: its own backend stays the CPU,
     # which also keeps the plugins that the target needs from looking for their devices here.

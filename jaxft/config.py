@@ -81,10 +81,33 @@ def override(cfg, key, text):
     raise ConfigError(f'bad value for config key {key!r}: {text!r} (expected {want}): {e}') from None
 
 
-def parse_args(argv):
-  """argv -> (locked config, workdir). Accepts --config=, --config.key=value and --workdir=."""
+USAGE = '--config=FILE[:variant] [--config.key=value ...] [--workdir=DIR]'
+
+
+def help_text(cfg, usage):
+  """`usage`, then every key the config takes as a ready-to-edit override with its value."""
+  lines = [f'usage: {usage}', '']
+  if cfg is None:
+    return '\n'.join(lines + ['With --config=FILE, --help lists every key that file takes.'])
+  lines.append('Config keys, each settable as --config.key=value (defaults and why: '
+               'configs/common.py):')
+  for key in flat_keys(cfg):
+    *parents, leaf = key.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    value = node[leaf]
+    shown = f'None ({node.get_type(leaf).__name__})' if value is None else value
+    lines.append(f'  --config.{key}={shown}')
+  return '\n'.join(lines)
+
+
+def parse_args(argv, usage='python -m jaxft.train ' + USAGE):
+  """argv -> (locked config, workdir). Accepts --config=, --config.key=value and --workdir=;
+  --help (or -h) prints `usage` and the config's keys with the overrides applied, then exits."""
+  wants_help = '--help' in argv or '-h' in argv
   spec, workdir, overrides = None, None, []
-  for arg in argv:
+  for arg in (a for a in argv if a not in ('--help', '-h')):
     name, eq, value = arg.partition('=')
     if not eq:
       raise ConfigError(f'expected --name=value, got {arg!r}')
@@ -95,12 +118,18 @@ def parse_args(argv):
     elif name.startswith('--config.'):
       overrides.append((name[len('--config.'):], value))
     else:
-      raise ConfigError(f'unknown flag {name!r}: use --config=FILE[:arg], --config.key=value, --workdir=DIR')
+      raise ConfigError(f'unknown flag {name!r}: use {USAGE} (--help lists the keys)')
+  if spec is None and wants_help:
+    print(help_text(None, usage))
+    sys.exit(0)
   if spec is None:
     raise ConfigError('missing --config=path/to/config.py[:variant]')
   cfg = load_file(spec)
   for key, value in overrides:
     override(cfg, key, value)
+  if wants_help:
+    print(help_text(cfg, usage))
+    sys.exit(0)
   if workdir is None:
     name = os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]
     variant = spec.partition(':')[2]
