@@ -244,6 +244,15 @@ class Attention(nnx.Module):
     return self.attend(*self.project(x_BLD), mask_B1LL, key)
 
 
+@jax.checkpoint
+def _bias_gelu(x_BLF, bias_F):
+  """GPT-2's tanh GELU of x + bias, recomputed in backward from the c_fc matmul's output, which
+  exists anyway. Autodiff would keep two more [batch, length, mlp] activations for backward
+  (x + bias, or tanh's output), each written in forward and read in backward (XLA's H100 plan of
+  gpt2 B=16: 2.4 GB of traffic and 1.1 GiB of step memory)."""
+  return jax.nn.gelu(x_BLF + bias_F, approximate=True)
+
+
 class MLP(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, rngs):
@@ -255,8 +264,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BLD):
     dt = x_BLD.dtype
-    h_BLF = x_BLD @ self.c_fc_kernel[...].astype(dt) + self.c_fc_bias[...].astype(dt)
-    h_BLF = jax.nn.gelu(h_BLF, approximate=True)  # GPT-2's tanh GELU.
+    h_BLF = _bias_gelu(x_BLD @ self.c_fc_kernel[...].astype(dt), self.c_fc_bias[...].astype(dt))
     return h_BLF @ self.c_proj_kernel[...].astype(dt) + self.c_proj_bias[...].astype(dt)
 
 
