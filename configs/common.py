@@ -49,6 +49,9 @@ def get_config(arg=None):
   # (model.grad_barrier): stops XLA recomputing it per layer (gpt2 on CPU: 1.25x faster).
   c.model.loss_chunk = 0  # LM loss over this many tokens at a time (logits recomputed in backward):
   # no full [batch, length, vocab] float32 logits; 0 = all at once.
+  c.model.logsumexp = 'auto'  # The loss's logsumexp over the vocab: 'two_pass' (max, then sum),
+  # 'one_pass' (running max and sum in one reduction: the float32 logits read once less) or
+  # 'auto': one_pass on GPU, where those reads are the cost, two_pass elsewhere (CPU: faster).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Pure data parallel replicas; -1 takes the devices left over.

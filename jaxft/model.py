@@ -14,6 +14,7 @@ from flax import nnx
 from jaxft.config import ConfigError
 
 ATTENTION = ('auto', 'einsum', 'causal_blocks', 'dot_product')
+LOGSUMEXP = ('auto', 'two_pass', 'one_pass')
 HEAD = 'score'  # The classification head: the one param only some objectives have.
 
 # Named sizes: (num_layers, num_heads, embed_dim, max_len). Vocab comes from the tokenizer.
@@ -45,6 +46,7 @@ class GPTConfig:
   scan_layers: bool = False  # One traced block scanned over the stacked layer params.
   grad_barrier: bool = True  # Write the residual-stream gradient once per block boundary.
   loss_chunk: int = 0  # Tokens per chunk of LM-head logits in the loss; 0 = all at once.
+  logsumexp: str = 'two_pass'  # The loss's logsumexp: 'one_pass' reads the logits once.
   tokenizer_vocab: int = 0  # Ids the tokenizer uses; logits of the padding ids beyond are masked.
   num_labels: int = 0  # > 0 adds the classification head `score` (HF GPT2ForSequenceClassification).
 
@@ -85,6 +87,11 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
   if attention == 'dot_product' and model_cfg.dropout:
     raise ConfigError("model.attention='dot_product' has no dropout on attention probabilities; "
                       "set model.dropout=0 or model.attention='einsum'")
+  logsumexp = switch('logsumexp')
+  if logsumexp not in LOGSUMEXP:
+    raise ConfigError(f'unknown model.logsumexp {logsumexp!r}; known: {", ".join(LOGSUMEXP)}')
+  if logsumexp == 'auto':  # One pass where the logits' reads cost most (README, Benchmark).
+    logsumexp = 'one_pass' if platform == 'gpu' else 'two_pass'
   remat = switch('remat')
   if remat != 'none' and not hasattr(jax.checkpoint_policies, remat):
     raise ConfigError(f'unknown model.remat {remat!r}; known: none, ' + ', '.join(
@@ -96,7 +103,8 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
                    attention=attention, attention_block=switch('attention_block'),
                    flash=flash and attention == 'dot_product',
                    remat=remat, scan_layers=switch('scan_layers'),
-                   grad_barrier=switch('grad_barrier'), loss_chunk=switch('loss_chunk'))
+                   grad_barrier=switch('grad_barrier'), loss_chunk=switch('loss_chunk'),
+                   logsumexp=logsumexp)
 
 
 def path_str(key_path):
@@ -129,14 +137,47 @@ head_matmul.defvjp(lambda h_ND, w_VD: (head_matmul(h_ND, w_VD), (h_ND, w_VD)),
                    _head_matmul_bwd)
 
 
-def cross_entropy(logits_NV, targets_N):
+def _merge_exp_sums(a, b):
+  """Two partial (max, sum of exp(x - max)) pairs as one: the smaller sum is rescaled to the
+  larger max (one exp, of a number <= 0)."""
+  (m1, s1), (m2, s2) = a, b
+  first = m1 >= m2
+  hi, lo = jnp.where(first, m1, m2), jnp.where(first, m2, m1)
+  return hi, jnp.where(first, s1, s2) + jnp.where(first, s2, s1) * jnp.exp(lo - hi)
+
+
+@jax.custom_vjp
+def one_pass_logsumexp(x):
+  """logsumexp over the last axis, reading x once: one reduction carries the running max and the
+  sum of exp(x - max) rescaled as the max grows (online softmax), where jax.nn.logsumexp makes
+  two passes (the max, then the sum). Same value within float32 rounding. Pays where the logits
+  stream from memory (GPU: XLA's H100 plan of gpt2 B=16 reads the [tokens, vocab] float32
+  logits once less, 3.3 GB); on CPU the merge's exp and selects cost ~3x the two passes."""
+  low = jnp.finfo(x.dtype).min  # Not -inf: two empty partials merge to (low, 0), not to NaN.
+  m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(low, x.dtype), jnp.array(0, x.dtype)),
+                        _merge_exp_sums, (x.ndim - 1,))
+  return m + jnp.log(s)
+
+
+def _one_pass_logsumexp_fwd(x):
+  lse = one_pass_logsumexp(x)
+  return lse, (x, lse)
+
+
+one_pass_logsumexp.defvjp(_one_pass_logsumexp_fwd,
+                          lambda res, g: (g[..., None] * jnp.exp(res[0] - res[1][..., None]),))
+
+
+def cross_entropy(logits_NV, targets_N, one_pass=False):
   """-log softmax(logits)[target], as optax.softmax_cross_entropy_with_integer_labels computes it
-  (logsumexp minus the target's logit), with the target's logit picked by a compare-and-sum over
-  the vocab instead of a gather. The gather's backward is a scatter into the [tokens, vocab]
-  gradient, which XLA cannot fuse with the softmax gradient and its cast to the compute dtype;
-  a select can (XLA's H100 plan of gpt2: one float32 [tokens, vocab] write and read less)."""
+  (logsumexp minus the target's logit; with one_pass, one_pass_logsumexp's), with the target's
+  logit picked by a compare-and-sum over the vocab instead of a gather. The gather's backward is
+  a scatter into the [tokens, vocab] gradient, which XLA cannot fuse with the softmax gradient
+  and its cast to the compute dtype; a select can (XLA's H100 plan of gpt2: one float32 [tokens,
+  vocab] write and read less)."""
   hit_NV = jnp.arange(logits_NV.shape[-1]) == targets_N[..., None]
-  return jax.nn.logsumexp(logits_NV, -1) - jnp.sum(jnp.where(hit_NV, logits_NV, 0.), -1)
+  lse_N = one_pass_logsumexp(logits_NV) if one_pass else jax.nn.logsumexp(logits_NV, -1)
+  return lse_N - jnp.sum(jnp.where(hit_NV, logits_NV, 0.), -1)
 
 
 def map_with_path(fn, tree, *rest):
@@ -382,7 +423,8 @@ class GPT(nnx.Module):
     """Next-token cross-entropy [batch, length] from the final hidden states. With cfg.loss_chunk
     the [tokens, vocab] logits exist loss_chunk tokens at a time and are recomputed in the
     backward pass, so full float32 logits (B*L*V*4 bytes) are never held."""
-    ce = lambda h_NxD, t_N: cross_entropy(self.logits(h_NxD), t_N)
+    ce = lambda h_NxD, t_N: cross_entropy(self.logits(h_NxD), t_N,
+                                          self.cfg.logsumexp == 'one_pass')
     n = self.cfg.loss_chunk
     B, L, D = hidden_BLD.shape
     if not n or n >= B * L:

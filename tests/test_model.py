@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,37 @@ def test_cross_entropy_is_optaxs_without_a_scatter_in_its_backward():
       logits).as_text()
   assert scatters(optax.softmax_cross_entropy_with_integer_labels)
   assert not scatters(model_lib.cross_entropy)
+
+
+def test_one_pass_logsumexp_reads_the_logits_once_in_xlas_h100_plan():
+  """model.one_pass_logsumexp: jax.nn.logsumexp's values and softmax gradient within float32
+  rounding (large logits, -inf and the -1e9 of padding ids too), and in the plan XLA's GPU
+  compiler makes for an H100 (the `aot` extra) one fusion reads the [tokens, vocab] logits where
+  jax.nn.logsumexp's max-then-sum takes two."""
+  from jaxft import bench
+  k1, k2 = jax.random.split(jax.random.key(0))
+  for scale in (1., 30., 300.):
+    x = scale * jax.random.normal(k1, (64, 384))
+    x = x.at[0, 5:].set(-jnp.inf).at[1, 200:].set(-1e9)
+    np.testing.assert_allclose(model_lib.one_pass_logsumexp(x), jax.nn.logsumexp(x, -1),
+                               rtol=2e-7, atol=0)
+    ours, ref = (jax.grad(lambda x: (fn(x) * jnp.arange(64)).sum())(x) for fn in (
+        model_lib.one_pass_logsumexp, lambda x: jax.nn.logsumexp(x, -1)))
+    np.testing.assert_allclose(ours, ref, atol=3e-7 * scale * 64)
+  targets = jax.random.randint(k2, (64,), 0, 384)
+  np.testing.assert_allclose(model_lib.cross_entropy(x, targets, one_pass=True),
+                             optax.softmax_cross_entropy_with_integer_labels(x, targets), rtol=1e-6)
+
+  devices, _ = bench.target_devices('h100')
+  logits = jax.ShapeDtypeStruct((4096, 50304), jnp.float32,
+                                sharding=jax.sharding.SingleDeviceSharding(devices[0]))
+  def readers(lse):  # The fusions of the compiled plan that take the logits as an operand.
+    hlo = jax.jit(lambda x: lse(x).sum()).lower(logits).compile().as_text()
+    entry = hlo[hlo.index('\nENTRY'):]
+    param = re.search(r'%(\S+) = f32\[4096,50304\]\S* parameter\(0\)', entry).group(1)
+    return len(re.findall(rf'fusion\([^)]*%{re.escape(param)}[,)]', entry))
+  assert readers(lambda x: jax.nn.logsumexp(x, -1)) == 2
+  assert readers(model_lib.one_pass_logsumexp) == 1
 
 
 def test_gelu_is_recomputed_in_backward_with_autodiffs_gradients():
