@@ -3,8 +3,9 @@
 # 10-minute command): training throughput and MFU at GPT-2 124M and 1.5B (bf16 compute, fp32
 # params + AdamW, T=1024), real steps of a 6.7B GPT-2-family model (L=32, D=4096, int8 AdamW
 # moments, B=4 without remat; B=1 with full remat if that fails) in the memory an 80 GB H100
-# gives JAX, then 124M with XLA's attention instead of cuDNN's, and XLA's plan for the 6.7B model
-# with its optimizer state offloaded to the host.
+# gives JAX, then 124M with XLA's attention instead of cuDNN's, 124M with the two-pass logsumexp
+# instead of GPU's one-pass default, and XLA's plan for the 6.7B model with its optimizer state
+# offloaded to the host.
 #
 #   bash experiments/gpu_bench.sh OUT_DIR [extra jaxft.bench flags]
 #
@@ -62,4 +63,8 @@ unset XLA_PYTHON_CLIENT_MEM_FRACTION
 # loss should agree with the first line's to bf16 rounding.
 bench gpt2_xla_attention $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
   --config.model.attention=einsum --steps=20 "$@"
+# 124M with jax.nn.logsumexp's max-then-sum (model.logsumexp, two passes over the float32 logits;
+# 'auto' is one_pass on GPU): does reading the logits once less pay on the device?
+bench gpt2_two_pass_logsumexp $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
+  --config.model.logsumexp=two_pass --steps=20 "$@"
 bench plan_6.7b_offload $bf16 $b67 $lean --config.optim.offload=True --compile-only "$@"

@@ -80,3 +80,24 @@ def test_tiny_real_sweep_end_to_end(tmp_path, capsys):
   log = os.path.getsize(f'{out}/train.trainable=all/seed_0/train.log')
   ablate.main(argv)  # Everything finished: nothing reruns.
   assert os.path.getsize(f'{out}/train.trainable=all/seed_0/train.log') == log
+
+
+def test_hlo_traffic_counts_each_kernels_operands_and_results(tmp_path, capsys):
+  """experiments/hlo_traffic.py on a compiled program whose kernels are known: x * 2 + y over
+  f32[1000, 1000] is one fusion reading x and y and writing the result (12 MB); summed over rows
+  it is a reduce fusion reading 4 MB and writing 4 KB."""
+  import jax
+  import jax.numpy as jnp
+  from experiments import hlo_traffic
+  x = jax.ShapeDtypeStruct((1000, 1000), jnp.float32)
+  text = lambda f, *a: jax.jit(f).lower(*a).compile().as_text()
+  rows = hlo_traffic.traffic(text(lambda x, y: x * 2 + y, x, x))
+  assert [r[0] for r in rows] == [12_000_000]
+  rows = hlo_traffic.traffic(text(lambda x: (x * 2).sum(1), x))
+  assert sum(r[0] for r in rows) == 4_004_000
+  path = tmp_path / 'hlo.txt'
+  path.write_text(text(lambda x, y: x * 2 + y, x, x))
+  hlo_traffic.main([str(path), '--top=3'])
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == '0.012 GB over 1 ops; 0.0 ms at 3.35 TB/s'
+  assert out[1].split()[:2] == ['0.012', 'GB'] and 'jit(<lambda>)/' in out[1]
