@@ -62,6 +62,15 @@ def _parse_value(old, text):
     return text  # A string for a None-valued string placeholder; the type check below decides.
 
 
+def _parent(cfg, key):
+  """Dotted `key` -> (the ConfigDict holding its leaf, the leaf's name)."""
+  *parents, leaf = key.split('.')
+  node = cfg
+  for p in parents:
+    node = node[p]
+  return node, leaf
+
+
 def override(cfg, key, text):
   """Set dotted `key` from its command-line text, with the field's type checked."""
   keys = flat_keys(cfg)
@@ -69,10 +78,7 @@ def override(cfg, key, text):
     near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     hint = f'; did you mean {", ".join(near)}?' if near else f'; valid keys: {", ".join(keys)}'
     raise ConfigError(f'unknown config key {key!r}{hint}')
-  *parents, leaf = key.split('.')
-  node = cfg
-  for p in parents:
-    node = node[p]
+  node, leaf = _parent(cfg, key)
   old = node[leaf]
   try:
     node[leaf] = _parse_value(old, text)
@@ -92,10 +98,7 @@ def help_text(cfg, usage):
   lines.append('Config keys, each settable as --config.key=value (defaults and why: '
                'configs/common.py):')
   for key in flat_keys(cfg):
-    *parents, leaf = key.split('.')
-    node = cfg
-    for p in parents:
-      node = node[p]
+    node, leaf = _parent(cfg, key)
     value = node[leaf]
     shown = f'None ({node.get_type(leaf).__name__})' if value is None else value
     lines.append(f'  --config.{key}={shown}')
