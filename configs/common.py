@@ -33,6 +33,7 @@ def get_config(arg=None):
   c.model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's, rounded up below.
   c.model.vocab_multiple = 128  # Pad the vocab to a multiple of this: MXU/tensor-parallel friendly.
   c.model.dropout = 0.0  # Residual, attention and embedding dropout; 0 for fine-tuning small data.
+  c.model.ln_eps = 1e-5  # LayerNorm epsilon (HF layer_norm_epsilon; from-hf sets the checkpoint's).
   c.model.dtype = 'float32'  # Compute dtype ('bfloat16' halves activation memory); params stay fp32.
   # Speed and memory switches: none changes the result beyond float rounding (tests/test_switches.py;
   # with dropout on, causal_blocks draws its attention dropout per block, so other masks).

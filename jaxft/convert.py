@@ -10,9 +10,9 @@ shards; import reads each tensor and places only its shards on the mesh), so nei
 holds two copies of the model. Only safetensors are read: no pickle, no remote code.
 """
 import argparse
-import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -235,23 +235,32 @@ def load_params(hf_dir, model_cfg, params, shardings, new_ok=lambda path: False)
   return model_lib.map_with_path(lambda k, x: loaded.get(k, x), params), report
 
 
-def import_hf(name, out):
+def import_hf(name, out, tokenizer=None):
   """`from-hf`: an HF checkpoint -> a jaxft workdir (params at step 0 + config.json) that
-  init_from, to-hf and evaluation read."""
+  init_from, to-hf and evaluation read. `tokenizer` (a jaxft tokenizer spec) for a model
+  directory that has none of its own; by default the model's."""
   from jaxft import config as config_lib
+  if any(os.path.exists(os.path.join(out, f)) for f in ('config.json', 'checkpoints')):
+    raise FileExistsError(f'{out} already holds a jaxft run (config.json or checkpoints/); '
+                          f'from-hf writes a new workdir: give another --out')
   hf_dir = local_dir(name)
   c, labels = read_hf_config(hf_dir)
   fields = gpt_config_fields(c, labels)
+  spec = tokenizer or f'hf:{os.path.abspath(hf_dir) if os.path.isdir(name) else name}'
+  tok = tokenizer_lib.build(spec)
+  if tok.vocab_size != c['vocab_size']:  # jaxft's vocab is the tokenizer's: they must agree.
+    raise checkpoint.CheckpointMismatch(
+        f'{hf_dir}/config.json: vocab_size={c["vocab_size"]} but tokenizer {spec} has '
+        f'{tok.vocab_size} ids; jaxft takes its vocab from the tokenizer (give --tokenizer)')
   cfg = ml_collections.ConfigDict({
       'objective': 'classification' if labels else 'next_token',
-      'tokenizer': f'hf:{os.path.abspath(hf_dir) if os.path.isdir(name) else name}',
+      'tokenizer': spec,
       'model': {'size': 'gpt2', 'vocab_multiple': 128, 'vocab_size': None, 'dropout': 0.0,
                 'dtype': 'float32', **{k: fields[k] for k in (
-                    'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len')}},
+                    'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len', 'ln_eps')}},
       'data': {'num_labels': len(labels or []), 'label_names': ','.join(labels or [])},
       'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1}})
   model_cfg = model_lib.config_from(cfg.model, c['vocab_size'], fields['num_labels'])
-  model_cfg = dataclasses.replace(model_cfg, ln_eps=fields['ln_eps'])
   report, tensors = hf_tensors(hf_dir, model_cfg)
   params = {}  # In the checkpoint's tree layout, one tensor converted at a time.
   for path, x in tensors:
@@ -311,7 +320,14 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
       size = 0
     shards[-1].append(row)
     size += nbytes
+  if os.path.isdir(os.path.join(out, 'checkpoints')):  # Its config.json would be overwritten.
+    raise FileExistsError(f'{out} is a jaxft workdir; give to-hf another --out')
   os.makedirs(out, exist_ok=True)
+  # An earlier export's weights would be loaded alongside (or instead of) these, as
+  # save_pretrained also knows: they go first.
+  for old in os.listdir(out):
+    if re.fullmatch(r'model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json', old):
+      os.remove(os.path.join(out, old))
   names = (['model.safetensors'] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   weight_map = {}
@@ -386,6 +402,8 @@ def main(argv):
   f = sub.add_parser('from-hf', help='Hugging Face directory or hub id -> jaxft workdir')
   f.add_argument('--model', required=True)
   f.add_argument('--out', required=True)
+  f.add_argument('--tokenizer', help="for a model directory without tokenizer files: 'bytes' "
+                 "or 'hf:<dir or hub id>' (default: the model's own)")
   args = parser.parse_args(argv)
   if args.command == 'to-hf':
     diff = export(args.checkpoint, args.out, verify=not args.no_verify)
@@ -393,7 +411,7 @@ def main(argv):
              f'transformers logits match jaxft within {diff:.2g} (fp32)')
     print(f'wrote {os.path.abspath(args.out)}; {check}')
   else:
-    report = import_hf(args.model, args.out)
+    report = import_hf(args.model, args.out, args.tokenizer)
     print(f'wrote {os.path.abspath(args.out)}: {len(report["loaded"])} params from '
           f'{report["source"]}; use --config.train.init_from={args.out}')
 

@@ -14,6 +14,7 @@ from jaxft.config import ConfigError
 
 EOS_TOKEN = '<|endoftext|>'  # GPT-2's end of text (and start of text).
 PAD_TOKEN = '<|pad|>'
+TOKENIZER_FILES = ('tokenizer.json', 'vocab.json', 'tokenizer.model')  # Fast, BPE, sentencepiece.
 
 
 class ByteTokenizer:
@@ -40,6 +41,11 @@ class HFTokenizer:
     self.spec = f'hf:{name}'
     if name.startswith(('.', '/', '~')) and not os.path.isdir(name):
       raise FileNotFoundError(f'tokenizer=hf:{name}: no such directory')
+    # Without its files transformers builds an empty tokenizer; say so instead.
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f))
+                                       for f in TOKENIZER_FILES):
+      raise FileNotFoundError(f'tokenizer=hf:{name}: no tokenizer files there (one of '
+                              f'{", ".join(TOKENIZER_FILES)})')
     # Never run code shipped with a tokenizer (auto_map): only the tokenizers' own classes load.
     self.hf = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     if self.hf.eos_token_id is None:

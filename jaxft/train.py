@@ -250,10 +250,44 @@ def trainable_fn(cfg, objective):
     raise config_lib.ConfigError(f'train.trainable={cfg.train.trainable!r} is not a regex: {e}')
 
 
-def init_params(source, model_cfg, params, shardings, workdir):
+def placeholder_free(names):
+  """Class names as given, or None if they are only placeholders (HF's LABEL_i, jaxft's i)."""
+  if not names or all(n in (str(i), f'LABEL_{i}') for i, n in enumerate(names)):
+    return None
+  return list(names)
+
+
+def check_source(source, model_cfg, label_names):
+  """Refuse an init_from source that differs from the run where the shapes do not show it: the
+  LayerNorm epsilon (of a jaxft source; convert.check_config compares an HF one's) and, where
+  both name them, the classes its head was trained for, which would otherwise load as the wrong
+  labels without a word."""
+  if source.startswith('hf:'):
+    from jaxft import convert  # Needs the `hf` extra (safetensors).
+    theirs, eps = convert.read_hf_config(convert.local_dir(source[3:]))[1], model_cfg.ln_eps
+  else:
+    try:
+      src = checkpoint.run_config(source)[0]
+    except FileNotFoundError:  # A checkpoint without its run's config.json: nothing to compare.
+      return
+    theirs = objectives.labels(src.data)[1] if src.objective == 'classification' else None
+    eps = src.model.get('ln_eps', model_lib.GPTConfig.ln_eps)
+  problems = [] if eps == model_cfg.ln_eps else [
+      f'model.ln_eps: run {model_cfg.ln_eps} vs source {eps}']
+  ours, theirs = placeholder_free(label_names), placeholder_free(theirs)
+  if ours and theirs and ours != theirs:
+    problems.append(f'data.label_names: run {ours} vs source head {theirs} (give the same names '
+                    f'in the same order)')
+  if problems:
+    raise checkpoint.CheckpointMismatch(f'init_from {source} does not match the run: '
+                                        + '; '.join(problems))
+
+
+def init_params(source, model_cfg, params, shardings, workdir, label_names=None):
   """Params from `source` (a jaxft workdir / step dir, or hf:<dir or hub id>) for fine-tuning:
   shared params loaded, a head the source lacks fresh from `params`. Logs what was loaded and
-  lists it in <workdir>/init_from.json."""
+  lists it in <workdir>/init_from.json. `label_names`: the run's classes (see check_source)."""
+  check_source(source, model_cfg, label_names)
   new_ok = lambda path: path == model_lib.HEAD
   if source.startswith('hf:'):
     from jaxft import convert  # Needs the `hf` extra (safetensors).
@@ -328,8 +362,10 @@ def run(cfg, workdir):
   else:
     state = built.init_fn()
     if T.init_from:
+      label_names = (objectives.labels(cfg.data)[1] if cfg.objective == 'classification'
+                     else None)
       state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
-                                    workdir)
+                                    workdir, label_names)
   step = int(state['step'])
   # Written only now that the config has proven it fits the workdir's checkpoint: a bad rerun
   # must not overwrite the record of what was trained.

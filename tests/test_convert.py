@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import small_argv, small_config
+from conftest import small_argv, small_config, snapshot
 from jaxft import checkpoint, convert, evaluate, model as model_lib, objectives, sharding, \
     tokenizer, train
 
@@ -49,9 +49,11 @@ def tensors(directory):
 
 @pytest.mark.parametrize('num_labels', [0, 3])
 def test_hf_to_jaxft_to_hf_round_trip_is_identical(tmp_path, num_labels):
-  src = hf_dir(tmp_path / 'src', num_labels)
+  # A LayerNorm epsilon other than GPT-2's: it must travel with the weights, both ways.
+  src = hf_dir(tmp_path / 'src', num_labels, layer_norm_epsilon=1e-3)
   report = convert.import_hf(src, str(tmp_path / 'jaxft'))
   assert len(report['loaded']) == 28 + bool(num_labels) and report['ignored'] == []
+  assert json.load(open(tmp_path / 'jaxft' / 'config.json'))['model']['ln_eps'] == 1e-3
   # Small shards: the export streams several files plus an index, and verifies against torch.
   diff = convert.export(str(tmp_path / 'jaxft'), str(tmp_path / 'back'), shard_bytes=40_000)
   assert diff < 1e-4
@@ -63,6 +65,7 @@ def test_hf_to_jaxft_to_hf_round_trip_is_identical(tmp_path, num_labels):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   back = json.load(open(tmp_path / 'back' / 'config.json'))
   assert back['architectures'] == ['GPT2ForSequenceClassification' if num_labels else 'GPT2LMHeadModel']
+  assert back['layer_norm_epsilon'] == 1e-3
   if num_labels:
     assert back['id2label'] == {'0': 'c0', '1': 'c1', '2': 'c2'} and back['pad_token_id'] == 257
 
@@ -115,6 +118,55 @@ def test_unsupported_and_mismatched_checkpoints_are_named(tmp_path):
                      r'vs checkpoint 2.*mlp_dim: run 64 vs checkpoint 128'):
     train.main(small_argv(str(tmp_path / 'run'), train__init_from=f'hf:{good}',
                           model__num_layers=3, model__mlp_dim=64))
+
+
+def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path):
+  src = hf_dir(tmp_path / 'src', layer_norm_epsilon=1e-3)
+  run = str(tmp_path / 'run')
+  convert.import_hf(src, run)
+  before = snapshot(run)
+  # A second import into the same workdir: refused, the first one's files untouched.
+  other = hf_dir(tmp_path / 'other', n_embd=64)
+  with pytest.raises(FileExistsError, match=r'run already holds a jaxft run.*another --out'):
+    convert.import_hf(other, run)
+  assert snapshot(run) == before
+  # A config whose vocab is not its tokenizer's: the padded rows would be masked (or invented).
+  wide = hf_dir(tmp_path / 'wide', vocab_size=300)
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r'wide/config.json: vocab_size=300 but '
+                     r'tokenizer hf:.*wide has 258 ids'):
+    convert.import_hf(wide, str(tmp_path / 'x'))
+  # No tokenizer files: named, and --tokenizer supplies one.
+  bare = hf_dir(tmp_path / 'bare')
+  for f in os.listdir(bare):
+    if 'token' in f or f in ('vocab.json', 'merges.txt'):
+      os.remove(os.path.join(bare, f))
+  with pytest.raises(FileNotFoundError, match=r'bare: no tokenizer files there'):
+    convert.import_hf(bare, str(tmp_path / 'y'))
+  convert.main(['from-hf', '--model', bare, '--out', str(tmp_path / 'y'), '--tokenizer', 'bytes'])
+  assert convert.export(str(tmp_path / 'y'), str(tmp_path / 'y_hf')) < 1e-4
+  # A run whose LayerNorm epsilon differs from the jaxft source's is refused; set, it trains.
+  with pytest.raises(checkpoint.CheckpointMismatch,
+                     match=r'does not match the run: model.ln_eps: run 1e-05 vs source 0.001'):
+    train.main(small_argv(str(tmp_path / 'ft'), train__init_from=run, train__steps=1))
+  train.main(small_argv(str(tmp_path / 'ft'), train__init_from=run, train__steps=1,
+                        model__ln_eps=1e-3))
+
+
+def test_export_replaces_an_earlier_export_and_spares_workdirs(tmp_path):
+  convert.import_hf(hf_dir(tmp_path / 'src'), str(tmp_path / 'run'))
+  out = tmp_path / 'hf'
+  convert.export(str(tmp_path / 'run'), str(out), verify=False)
+  (out / 'model.safetensors').write_bytes(b'stale')  # Not these weights: must not survive.
+  # Sharded into the same directory: the single file would shadow the shards.
+  assert convert.export(str(tmp_path / 'run'), str(out), shard_bytes=40_000) < 1e-4
+  assert 'model.safetensors' not in os.listdir(out)
+  # And back to one file: the shards and their index go.
+  assert convert.export(str(tmp_path / 'run'), str(out)) < 1e-4
+  assert sorted(f for f in os.listdir(out) if f.startswith('model')) == ['model.safetensors']
+  before = snapshot(tmp_path / 'run')
+  with pytest.raises(FileExistsError, match=r'run is a jaxft workdir'):
+    convert.export(str(tmp_path / 'run'), str(tmp_path / 'run'))
+  assert snapshot(tmp_path / 'run') == before
 
 
 def test_init_from_hf_loads_onto_a_mesh_and_keeps_logits(tmp_path):
@@ -174,6 +226,13 @@ def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
   back = str(tmp_path / 'back')
   train.main(small_argv(back, objective='classification', train__steps=1, optim__lr=0.0,
                         train__init_from=f'hf:{tmp_path / "cls_hf"}'))
+  # A head trained for low,mid,high does not load as high,mid,low, from HF or jaxft.
+  for source in (f'hf:{tmp_path / "cls_hf"}', cls):
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"data.label_names: run \['high', "
+                       r"'mid', 'low'\] vs source head \['low', 'mid', 'high'\]"):
+      train.main(small_argv(str(tmp_path / 'reordered'), objective='classification',
+                            train__steps=1, data__label_names='high,mid,low',
+                            train__init_from=source))
   before = convert.read_params(os.path.join(cls, 'checkpoints', '3', 'params'), ['score', 'wpe'])
   after = convert.read_params(os.path.join(back, 'checkpoints', '1', 'params'), ['score', 'wpe'])
   for k in before:
