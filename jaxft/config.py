@@ -147,6 +147,42 @@ def write_file(workdir, name, text):
   path.write_text(text)
 
 
+# What a rerun may change and still resume: how the run is carried out, not what it computes.
+# (train.steps moves the end of the lr schedule, so the lr from the resumed step on changes.)
+RESUME_FREE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+               'train.exact_match_examples', 'train.grad_accum', 'checkpoint.', 'mesh.',
+               'distributed.', 'reuse_host_memory', 'optim.offload', 'optim.skip_nonfinite',
+               'model.attention', 'model.attention_block', 'model.remat', 'model.scan_layers',
+               'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp')
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def resume_changes(cfg, workdir):
+  """The keys (key, saved, now) in which `cfg` differs from <workdir>/config.json, the config
+  of the run a rerun resumes: those in RESUME_FREE are returned, any other is an error that
+  lists them all (keys only one side has, from another jaxft version, are not compared)."""
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    return []
+  saved = _flat(json.loads(path.read_text()))
+  now = _flat(json.loads(json.dumps(cfg.to_dict())))  # As saved: tuples become lists.
+  changed = [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
+  free = lambda k: k in RESUME_FREE or k.startswith(tuple(f for f in RESUME_FREE if f[-1] == '.'))
+  fixed = [f'{k}: run {old!r} vs now {new!r}' for k, old, new in changed if not free(k)]
+  if fixed:
+    raise ConfigError(
+        f'{workdir} was trained with another config; resuming would mix the two ({len(fixed)} '
+        f'differences):\n  ' + '\n  '.join(fixed) + f'\nrerun with its config ({path}), or use '
+        f'a new --workdir (with --config.train.init_from={workdir} to start from its params)')
+  return [c for c in changed if free(c[0])]
+
+
 def save(cfg, workdir):
   """Write the resolved config as <workdir>/config.json (what was run, for the record)."""
   write_file(workdir, 'config.json', json.dumps(cfg.to_dict(), indent=2, sort_keys=True))

@@ -355,10 +355,14 @@ def run(cfg, workdir):
   # Cumulative counts travel with the data position in the checkpoint.
   totals = {'tokens': 0.0, 'supervised_tokens': 0.0, 'skipped_steps': 0.0}
   if mngr.latest_step() is not None:
+    changes = config_lib.resume_changes(cfg, workdir)
     state, data_state = checkpoint.restore(mngr, abstract, shardings)
     train_iter.set_state(data_state['iterator'])
     totals.update(data_state['totals'])
-    log(f'resumed from {mngr.directory}/{mngr.latest_step()}')
+    log(f'resumed from {mngr.directory}/{mngr.latest_step()}' + ''.join(
+        f'; {k} {a!r} -> {b!r}' for k, a, b in changes)
+        + ('; the lr schedule now ends at the new train.steps' if int(state['step']) < T.steps
+           and any(k == 'train.steps' for k, *_ in changes) else ''))
   else:
     state = built.init_fn()
     if T.init_from:
@@ -367,14 +371,14 @@ def run(cfg, workdir):
       state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
                                     workdir, label_names)
   step = int(state['step'])
-  # Written only now that the config has proven it fits the workdir's checkpoint: a bad rerun
-  # must not overwrite the record of what was trained.
-  if jax.process_index() == 0:
-    config_lib.save(cfg, workdir)
   if step >= T.steps:
     log(f'{workdir} already holds the final step {step}; nothing to do')
     mngr.close()
     return state
+  # Written only now that the config has proven it fits the workdir's checkpoint and there is
+  # something to train: a bad rerun must not overwrite the record of what was trained.
+  if jax.process_index() == 0:
+    config_lib.save(cfg, workdir)
 
   train_step = built.train_step
   evaluator = evaluate.Evaluator(built.graphdef, objective, examples, records, tok, cfg, mesh)

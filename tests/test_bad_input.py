@@ -118,12 +118,15 @@ CASES = {
             objective='labeled_pair', data__truncation_side='right'), 'drawn',
         r"/pairs\.jsonl:3: .*no .*supervised|/pairs\.jsonl:3: .*carries no loss"),
     'resume with another architecture': (
-        {'model__embed_dim': 64}, False, r'checkpoint .*/checkpoints/2/params does not match the '
-        r'model config \(28 differences\):\n  h/0/attn/c_attn_bias: checkpoint \(3, 4, 8\) vs model '
-        r'\(3, 4, 16\).*\.\.\. and 8 more'),
-    'resume with another optimizer': (
-        {'optim__clip_norm': 0.0}, False, r'checkpoint .*/checkpoints/2: its optimizer state does '
-        r'not fit this config\'s optimizer \(was optim\.clip_norm or train\.trainable changed'),
+        {'model__embed_dim': 64, 'model__num_heads': 2}, False,
+        r'/run was trained with another config; resuming would mix the two \(2 differences\):'
+        r'\n  model\.embed_dim: run 32 vs now 64\n  model\.num_heads: run 4 vs now 2\nrerun with '
+        r'its config \(.*/run/config\.json\), or use a new --workdir \(with '
+        r'--config\.train\.init_from=.*/run to start from its params\)'),
+    'resume with another objective and optimizer': (
+        {'objective': 'labeled_pair', 'optim__clip_norm': 0.0}, False,
+        r"another config.*\(2 differences\):\n  objective: run 'next_token' vs now "
+        r"'labeled_pair'\n  optim\.clip_norm: run 1\.0 vs now 0\.0"),
     'init_from a missing checkpoint': (
         lambda tmp: {'train__init_from': str(tmp / 'nowhere')}, True,
         r'no jaxft checkpoint at .*/nowhere'),
@@ -168,3 +171,18 @@ def test_bad_input_is_named_and_the_workdir_kept(name, finished_run, tmp_path, m
     assert not os.path.exists(os.path.join(wd, 'config.json'))
   else:
     assert snapshot(wd) == before
+
+
+def test_a_workdir_without_its_config_is_still_checked_by_its_checkpoint(finished_run, tmp_path,
+                                                                         monkeypatch):
+  """With config.json gone (nothing to compare the rerun with), the checkpoint's own layout
+  still refuses an optimizer it does not fit."""
+  wd = str(tmp_path / 'run')
+  shutil.copytree(finished_run, wd)
+  os.remove(os.path.join(wd, 'config.json'))
+  before = snapshot(wd)
+  message = cli_error(small_argv(wd, optim__clip_norm=0.0), monkeypatch)
+  assert re.search(r'checkpoint .*/checkpoints/2: its optimizer state does not fit this '
+                   r'config\'s optimizer \(was optim\.clip_norm or train\.trainable changed',
+                   message), message
+  assert snapshot(wd) == before

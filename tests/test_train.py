@@ -42,6 +42,18 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   train.main(small_argv(wd, train__steps=10))  # Rerun: resumes at the end, does nothing.
   assert 'already holds the final step 10' in capsys.readouterr().out
   assert len(metrics(wd)) == len(lines)
+  # Fewer steps: nothing to do, and the record of what was run is left as it was.
+  train.main(small_argv(wd, train__steps=4))
+  assert 'already holds the final step 10' in capsys.readouterr().out
+  assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 10
+  # More steps resume the run, and the log says what changed.
+  train.main(small_argv(wd, train__steps=12, train__eval_every=6))
+  out = capsys.readouterr().out
+  assert (f'resumed from {wd}/checkpoints/10; checkpoint.every 5 -> 100; checkpoint.keep 1 -> 3; '
+          f'train.eval_every 5 -> 6; train.steps 10 -> 12; the lr schedule now ends at the new '
+          f'train.steps') in out
+  assert [l['step'] for l in metrics(wd) if l['split'] == 'train'][-3:] == [10, 11, 12]
+  assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 12
 
 
 def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
@@ -67,7 +79,7 @@ def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
   assert not os.path.exists(os.path.join(bad, 'config.json'))
   # Resuming src with a config that does not fit its checkpoint leaves its record untouched.
   before = open(os.path.join(src, 'config.json')).read()
-  with pytest.raises(checkpoint.CheckpointMismatch):
+  with pytest.raises(config_lib.ConfigError, match=r'model\.embed_dim: run 32 vs now 64'):
     train.main(small_argv(src, train__steps=8, model__embed_dim=64))
   assert open(os.path.join(src, 'config.json')).read() == before
 
