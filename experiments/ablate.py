@@ -5,8 +5,9 @@
         [--set train.steps=200] [--jobs 2] [--eval-as labeled_pair]
 
 Sweep values may use {seed} (e.g. --sweep train.init_from=,runs/pre/seed_{seed}; an empty value
-leaves the key at its default). Finished runs (summary.json present) are skipped, interrupted
-ones resume from their checkpoint. Each run directory gets run.json: its overrides, the git
+leaves the key at its default). Finished runs (summary.json present) are skipped if they ran the
+config these settings give (else it is an error naming the keys), interrupted ones resume from
+their checkpoint. Each run directory gets run.json: its overrides, the git
 commit, a fingerprint of its data and the final metrics. Then results.md / results.csv (mean +-
 std over seeds per cell) and plots are written to --out (see experiments/report.py).
 """
@@ -70,19 +71,35 @@ def data_fingerprint(workdir):
   return digest.hexdigest()[:16]
 
 
+def check_finished(workdir, argv):
+  """A finished run is reused only if it ran the config these settings give now."""
+  from jaxft import config as config_lib
+  argv = [f'--config={os.path.join(ROOT, a[9:])}' if a.startswith('--config=') else a for a in argv]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    diffs = config_lib.differences(json.load(f), config_lib.parse_args(argv)[0])
+  if diffs:
+    raise RuntimeError(f'{workdir} holds a finished run of other settings (' + '; '.join(
+        f'{k}: {a!r} there, {b!r} now' for k, a, b in diffs) + '): give another --out, or '
+        'remove that run to redo it')
+
+
 def run_one(config, name, cell, seed, sets, out, eval_as):
   """Train (or resume, or skip) one run; returns its directory."""
   workdir = os.path.join(out, name, f'seed_{seed}')
-  if not os.path.isfile(os.path.join(workdir, 'summary.json')):
+  argv = command(config, cell, seed, sets, workdir)
+  if os.path.isfile(os.path.join(workdir, 'summary.json')):
+    check_finished(workdir, argv[3:])
+  else:
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, 'train.log')
     with open(log_path, 'a') as log:
-      done = subprocess.run(command(config, cell, seed, sets, workdir), cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
+      done = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
       raise RuntimeError(f'{workdir}: training failed (exit {done.returncode}), see {log_path}')
   if os.path.isfile(os.path.join(workdir, 'run.json')):
-    return workdir
+    with open(os.path.join(workdir, 'run.json')) as f:
+      if f'as_{eval_as}' in json.load(f):  # Else scored as another objective now: redo the record.
+        return workdir
   extra = {}
   if eval_as:  # Judge the final checkpoint by another objective's metrics too.
     for split in ('val', 'test'):

@@ -163,16 +163,21 @@ def _flat(tree, prefix=''):
   return out
 
 
+def differences(saved, cfg):
+  """[(key, saved value, value in cfg)] where a config.json's dict and `cfg` differ (keys only
+  one side has, from another jaxft version, are not compared)."""
+  saved, now = _flat(saved), _flat(json.loads(json.dumps(cfg.to_dict())))  # Tuples as lists.
+  return [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
+
+
 def resume_changes(cfg, workdir):
   """The keys (key, saved, now) in which `cfg` differs from <workdir>/config.json, the config
   of the run a rerun resumes: those in RESUME_FREE are returned, any other is an error that
-  lists them all (keys only one side has, from another jaxft version, are not compared)."""
+  lists them all."""
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     return []
-  saved = _flat(json.loads(path.read_text()))
-  now = _flat(json.loads(json.dumps(cfg.to_dict())))  # As saved: tuples become lists.
-  changed = [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
+  changed = differences(json.loads(path.read_text()), cfg)
   free = lambda k: k in RESUME_FREE or k.startswith(tuple(f for f in RESUME_FREE if f[-1] == '.'))
   fixed = [f'{k}: run {old!r} vs now {new!r}' for k, old, new in changed if not free(k)]
   if fixed:

@@ -55,14 +55,20 @@ def test_report_aggregates_seeds_into_tables_and_plots(tmp_path):
     assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
 
 
-def test_finished_runs_are_skipped(tmp_path, monkeypatch):
+def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypatch):
   wd = fake_run(str(tmp_path), 'cell', 0, 0.5, [1.0])
   os.remove(os.path.join(wd, 'run.json'))
   monkeypatch.setattr(ablate.subprocess, 'run', lambda *a, **k: pytest.fail('ran again'))
   monkeypatch.setattr(ablate, 'git_commit', lambda: 'abc')
-  assert ablate.run_one('configs/demo.py', 'cell', {}, 0, [], str(tmp_path), None) == wd
+  sets = [f'{k}={v}' for k, v in SMALL.items()] + ['objective=classification']  # fake_run's.
+  assert ablate.run_one('configs/demo.py', 'cell', {}, 0, sets, str(tmp_path), None) == wd
   record = json.load(open(os.path.join(wd, 'run.json')))
   assert record['git_commit'] == 'abc' and len(record['data_fingerprint']) == 16
+  # Other settings into the same --out: refused, naming them, rather than reusing the result.
+  with pytest.raises(RuntimeError, match=r"cell/seed_0 holds a finished run of other settings "
+                     r"\(optim\.lr: 0\.002 there, 0\.01 now; train\.steps: 400 there, 8 now\)"):
+    ablate.run_one('configs/demo.py', 'cell', {'optim.lr': '0.01'}, 0, sets + ['train.steps=8'],
+                   str(tmp_path), None)
 
 
 def test_tiny_real_sweep_end_to_end(tmp_path, capsys):
