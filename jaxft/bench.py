@@ -457,12 +457,16 @@ def main(argv):
           'target': ''}
   flags = {'decode': False, 'compare-hf': False, 'no-input': False, 'compile-only': False}
   rest = []
-  for a in argv:
+  for a in config_lib.equals_form(argv):
     name, _, value = a[2:].partition('=')
     if a[2:] in flags:
       flags[a[2:]] = True
+    elif name in opts and name in ('json', 'target'):
+      opts[name] = value
     elif name in opts:
-      opts[name] = value if name in ('json', 'target') else int(value)
+      if not value.isdigit():
+        raise config_lib.ConfigError(f'--{name}: expected a whole number, got {value!r}')
+      opts[name] = int(value)
     else:
       rest.append(a)
   cfg, _ = config_lib.parse_args(rest, usage=__doc__.split('\n\n')[1].strip())

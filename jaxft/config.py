@@ -105,9 +105,22 @@ def help_text(cfg, usage):
   return '\n'.join(lines)
 
 
+def equals_form(argv):
+  """argv with each '--name value' pair written '--name=value': both forms are accepted."""
+  out = []
+  for a in argv:
+    if out and out[-1].startswith('--') and '=' not in out[-1] and not a.startswith('-'):
+      out[-1] += '=' + a
+    else:
+      out.append(a)
+  return out
+
+
 def parse_args(argv, usage='python -m jaxft.train ' + USAGE):
-  """argv -> (locked config, workdir). Accepts --config=, --config.key=value and --workdir=;
-  --help (or -h) prints `usage` and the config's keys with the overrides applied, then exits."""
+  """argv -> (locked config, workdir). Accepts --config=, --config.key=value and --workdir= (or
+  with a space for the '='); --help (or -h) prints `usage` and the config's keys with the
+  overrides applied, then exits."""
+  argv = equals_form(argv)
   wants_help = '--help' in argv or '-h' in argv
   spec, workdir, overrides = None, None, []
   for arg in (a for a in argv if a not in ('--help', '-h')):

@@ -14,6 +14,20 @@ def test_overrides_are_typed_and_nested(root):
   assert cfg.optim.lr == 0.01 and cfg.train.steps == 7 and cfg.model.num_layers == 3
   assert cfg.checkpoint.async_save is False and cfg.data.train == 'a.jsonl'
   assert workdir == os.path.join('runs', 'demo')
+  # '--name value' is read as '--name=value'.
+  spaced, spaced_workdir = config_lib.parse_args([
+      '--config', 'configs/demo.py', '--config.optim.lr', '0.01', '--config.train.steps=7',
+      '--config.model.num_layers', '3', '--config.checkpoint.async_save', 'false',
+      '--config.data.train', 'a.jsonl', '--workdir', 'runs/x'])
+  assert spaced.to_dict() == cfg.to_dict() and spaced_workdir == 'runs/x'
+
+
+def test_bench_flags_take_both_forms_and_name_a_bad_number():
+  from jaxft import bench
+  with pytest.raises(config_lib.ConfigError, match=r"--steps: expected a whole number, got 'five'"):
+    bench.main(['--config=configs/demo.py', '--steps', 'five'])
+  with pytest.raises(config_lib.ConfigError, match=r"--warmup: expected a whole number, got ''"):
+    bench.main(['--config=configs/demo.py', '--warmup='])
 
 
 def test_variant_and_default_workdir():
