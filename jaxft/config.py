@@ -13,6 +13,11 @@ import ml_collections
 from etils import epath
 
 
+# Every key with its default (the repository's configs/common.py).
+COMMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'common.py')
+
+
 class ConfigError(ValueError):
   """A config file, key or value that cannot be used; the message names it."""
 

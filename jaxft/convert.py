@@ -235,11 +235,13 @@ def load_params(hf_dir, model_cfg, params, shardings, new_ok=lambda path: False)
   return model_lib.map_with_path(lambda k, x: loaded.get(k, x), params), report
 
 
-def import_hf(name, out, tokenizer=None):
+def import_hf(name, out, tokenizer=None, config=None):
   """`from-hf`: an HF checkpoint -> a jaxft workdir (params at step 0 + config.json) that
   init_from, to-hf and evaluation read. `tokenizer` (a jaxft tokenizer spec) for a model
-  directory that has none of its own; by default the model's."""
+  directory that has none of its own; by default the model's. `config` (FILE[:variant], default
+  configs/common.py): the rest of the recorded config, e.g. the data to evaluate on."""
   from jaxft import config as config_lib
+  cfg = config_lib.load_file(config or config_lib.COMMON)  # Fails before anything is written.
   if any(os.path.exists(os.path.join(out, f)) for f in ('config.json', 'checkpoints')):
     raise FileExistsError(f'{out} already holds a jaxft run (config.json or checkpoints/); '
                           f'from-hf writes a new workdir: give another --out')
@@ -252,14 +254,12 @@ def import_hf(name, out, tokenizer=None):
     raise checkpoint.CheckpointMismatch(
         f'{hf_dir}/config.json: vocab_size={c["vocab_size"]} but tokenizer {spec} has '
         f'{tok.vocab_size} ids; jaxft takes its vocab from the tokenizer (give --tokenizer)')
-  cfg = ml_collections.ConfigDict({
-      'objective': 'classification' if labels else 'next_token',
-      'tokenizer': spec,
-      'model': {'size': 'gpt2', 'vocab_multiple': 128, 'vocab_size': None, 'dropout': 0.0,
-                'dtype': 'float32', **{k: fields[k] for k in (
-                    'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len', 'ln_eps')}},
-      'data': {'num_labels': len(labels or []), 'label_names': ','.join(labels or [])},
-      'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1}})
+  if labels or cfg.objective == 'classification':  # The head decides; an LM keeps its objective.
+    cfg.objective = 'classification' if labels else 'next_token'
+  cfg.tokenizer = spec
+  cfg.model.update({'size': 'gpt2', 'vocab_size': None, **{k: fields[k] for k in (
+      'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len', 'ln_eps')}})
+  cfg.data.update({'num_labels': len(labels or []), 'label_names': ','.join(labels or [])})
   model_cfg = model_lib.config_from(cfg.model, c['vocab_size'], fields['num_labels'])
   report, tensors = hf_tensors(hf_dir, model_cfg)
   params = {}  # In the checkpoint's tree layout, one tensor converted at a time.
@@ -404,6 +404,9 @@ def main(argv):
   f.add_argument('--out', required=True)
   f.add_argument('--tokenizer', help="for a model directory without tokenizer files: 'bytes' "
                  "or 'hf:<dir or hub id>' (default: the model's own)")
+  f.add_argument('--config', help='FILE[:variant] for the rest of the recorded config (data, '
+                 'evaluation); model, tokenizer and objective are the checkpoint\'s (default: '
+                 'configs/common.py)')
   args = parser.parse_args(argv)
   if args.command == 'to-hf':
     diff = export(args.checkpoint, args.out, verify=not args.no_verify)
@@ -411,7 +414,7 @@ def main(argv):
              f'transformers logits match jaxft within {diff:.2g} (fp32)')
     print(f'wrote {os.path.abspath(args.out)}; {check}')
   else:
-    report = import_hf(args.model, args.out, args.tokenizer)
+    report = import_hf(args.model, args.out, args.tokenizer, args.config)
     print(f'wrote {os.path.abspath(args.out)}: {len(report["loaded"])} params from '
           f'{report["source"]}; use --config.train.init_from={args.out}')
 

@@ -1,12 +1,14 @@
 """Held-out evaluation per objective: statistics summed over a split, then the objective's metrics.
 
     python -m jaxft.evaluate --workdir runs/demo_labeled_pair --split test [--step 300]
+        [--config.data.test=other.jsonl ...]   # other data (EVAL_OVERRIDES); own report file
 
 next_token: loss, perplexity; labeled_pair: completion loss, perplexity and exact match of greedy
 completions (on the first `exact_match_examples` of the split); classification: loss, accuracy,
 macro-F1 and the confusion matrix. Padding rows carry no weight, so every number is exact.
 """
 import argparse
+import hashlib
 import json
 
 import jax
@@ -101,9 +103,10 @@ class Evaluator:
     return float(sums['matches'] / sums['count']), int(sums['count'])
 
 
-def write_report(workdir, cfg, step, split, metrics, baselines, max_batches=0):
-  """<workdir>/eval/<split>_<step>.json: the metrics beside the split's trivial baselines."""
-  extra = {}
+def write_report(workdir, cfg, step, split, metrics, baselines, max_batches=0, overrides=None):
+  """<workdir>/eval/<split>_<step>.json: the metrics beside the split's trivial baselines (and
+  the config overrides they were measured with, if any)."""
+  extra = {'overrides': overrides} if overrides else {}
   if objectives.get(cfg.objective).has_head:
     extra['label_names'] = objectives.labels(cfg.data)[1]
   name = f'eval/{split}_{step}.json'
@@ -113,11 +116,22 @@ def write_report(workdir, cfg, step, split, metrics, baselines, max_batches=0):
   return epath.Path(workdir) / name
 
 
-def load(workdir, step=None, mesh=None):
-  """(config, tokenizer, GPTConfig, graphdef, params on `mesh`) of a run's checkpoint."""
+# What `evaluate --config.key=value` may change: the data and how it is read and scored, and
+# the mesh; the model is the checkpoint's.
+EVAL_OVERRIDES = ('data.', 'train.eval_batches', 'train.exact_match_examples', 'mesh.')
+
+
+def load(workdir, step=None, mesh=None, overrides=()):
+  """(config, tokenizer, GPTConfig, graphdef, params on `mesh`) of a run's checkpoint, with
+  `overrides` ((key, text) pairs within EVAL_OVERRIDES) applied to the run's config."""
   if step is not None:
     workdir = checkpoint.resolve(workdir)[0] / str(step)
   cfg, directory, step = checkpoint.run_config(workdir)
+  for key, text in overrides:
+    if not key.startswith(EVAL_OVERRIDES):
+      raise config_lib.ConfigError(f'--config.{key}: evaluation takes only '
+                                   f'{", ".join(EVAL_OVERRIDES)} (the model is the checkpoint\'s)')
+    config_lib.override(cfg, key, text)
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
@@ -134,8 +148,11 @@ def main(argv):
   parser.add_argument('--step', type=int, help='checkpoint step (default: latest)')
   parser.add_argument('--objective', help='judge by another objective with the same model, e.g. '
                       'a next_token run by labeled_pair exact match (default: the run\'s)')
-  args = parser.parse_args(argv)
-  cfg, tok, _, graphdef, params = load(args.workdir, args.step)
+  args, rest = parser.parse_known_args(config_lib.equals_form(argv))
+  overrides = [a[len('--config.'):].split('=', 1) for a in rest if a.startswith('--config.')]
+  if len(overrides) < len(rest) or any(len(o) < 2 for o in overrides):
+    parser.error(f'unrecognized arguments: {" ".join(rest)} (overrides: --config.key=value)')
+  cfg, tok, _, graphdef, params = load(args.workdir, args.step, overrides=overrides)
   step = args.step if args.step is not None else checkpoint.resolve(args.workdir)[1]
   if args.objective:
     if objectives.get(args.objective).has_head != objectives.get(cfg.objective).has_head:
@@ -152,7 +169,10 @@ def main(argv):
   baselines = objectives.baselines(objective, records['train'], records[args.split],
                                    examples[args.split], tok, cfg.data, vocab)
   split = args.split if not args.objective else f'{args.split}_as_{args.objective}'
-  path = write_report(args.workdir, cfg, step, split, metrics, baselines)
+  if overrides:  # Other data than the run's: a report of its own, not the run's overwritten.
+    split += '_' + hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
+  path = write_report(args.workdir, cfg, step, split, metrics, baselines,
+                      overrides=dict(overrides))
   print(f'{cfg.objective} on {args.split} at step {step}:')
   for k, v in {**metrics, **{f'baseline {k}': v for k, v in baselines.items()}}.items():
     if k == 'confusion':

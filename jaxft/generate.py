@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft import checkpoint, config as config_lib, data, evaluate, sharding
+from jaxft import checkpoint, config as config_lib, data, evaluate, objectives, sharding
 
 
 def sample(logits_BV, key, temperature, top_k, top_p):
@@ -94,15 +94,24 @@ def main(argv):
   parser.add_argument('--top-p', type=float, default=1.0)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--num-samples', type=int, default=1)
+  parser.add_argument('--raw', action='store_true', help="labeled_pair runs: prompts as written, "
+                      "not through the run's data.prompt_template")
   args = parser.parse_args(argv)
   cfg = checkpoint.run_config(args.workdir)[0]
+  if objectives.get(cfg.objective).has_head:
+    raise config_lib.ConfigError(f'{args.workdir} is a {cfg.objective} run: its outputs are '
+                                 f'class scores (python -m jaxft.evaluate), not text')
   mesh = sharding.make_mesh(cfg.mesh)
   cfg, tok, model_cfg, graphdef, params = evaluate.load(args.workdir, args.step, mesh)
+  pair = cfg.objective == 'labeled_pair'
   if args.prompt is not None:
     texts = [args.prompt]
   else:
-    texts = [data.field(r, 'prompt', where) for r, where in data.read_records(args.prompts_file)]
-  prompts = [tok.encode(t) or [tok.eos_id] for t in texts for _ in range(args.num_samples)]
+    field = cfg.data.prompt_field if pair else 'prompt'  # A pair run reads its own data's field.
+    texts = [data.field(r, field, where) for r, where in data.read_records(args.prompts_file)]
+  # As in training and evaluation: a pair run was trained on its prompts shown through the template.
+  shown = [objectives.shown_prompt(t, cfg.data) if pair and not args.raw else t for t in texts]
+  prompts = [tok.encode(t) or [tok.eos_id] for t in shown for _ in range(args.num_samples)]
   longest = max(map(len, prompts))
   if longest + args.max_new_tokens > model_cfg.max_len:
     raise config_lib.ConfigError(f'longest prompt ({longest} tokens) + --max-new-tokens '
@@ -114,11 +123,12 @@ def main(argv):
   out = np.asarray(jax.device_get(generate(params, batch['tokens'], batch['lengths'],
                                            jax.random.key(args.seed))))
   sink = open(args.out, 'w') if args.out else sys.stdout
-  for i, text in enumerate(t for t in texts for _ in range(args.num_samples)):
+  for i, (text, seen) in enumerate((t, s) for t, s in zip(texts, shown)
+                                   for _ in range(args.num_samples)):
     ids = out[i].tolist()
     ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
     if args.prompt is not None and not args.out:
-      print(text + tok.decode(ids))
+      print(seen + tok.decode(ids))
     else:
       sink.write(json.dumps({'prompt': text, 'sample': i % args.num_samples,
                              'completion': tok.decode(ids)}) + '\n')

@@ -69,15 +69,20 @@ def _next_token_segments(text, where, tok, data_cfg, dropped):
           for i in range(0, len(inputs), T)]
 
 
-def _pair_fields(rec, where, data_cfg):
-  """(prompt shown through data.prompt_template, completion)."""
-  _check_side(data_cfg)
+def shown_prompt(prompt, data_cfg):
+  """A labeled_pair prompt as the model sees it: through data.prompt_template."""
   try:
-    prompt = data_cfg.prompt_template.format(prompt=_text(rec, data_cfg.prompt_field, where))
+    return data_cfg.prompt_template.format(prompt=prompt)
   except (KeyError, IndexError) as e:
     raise data.DataError(f'data.prompt_template={data_cfg.prompt_template!r} may only use '
                          f'{{prompt}} (got {{{e.args[0]}}})') from None
-  return prompt, _text(rec, data_cfg.completion_field, where)
+
+
+def _pair_fields(rec, where, data_cfg):
+  """(prompt shown through data.prompt_template, completion)."""
+  _check_side(data_cfg)
+  return (shown_prompt(_text(rec, data_cfg.prompt_field, where), data_cfg),
+          _text(rec, data_cfg.completion_field, where))
 
 
 def prompt_completion_ids(rec, where, tok, data_cfg):

@@ -2,6 +2,7 @@
 pipelines on exported runs, tokenizers, and the errors for what does not fit. No downloads."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,35 @@ def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path):
     train.main(small_argv(str(tmp_path / 'ft'), train__init_from=run, train__steps=1))
   train.main(small_argv(str(tmp_path / 'ft'), train__init_from=run, train__steps=1,
                         model__ln_eps=1e-3))
+
+
+def test_an_imported_model_records_a_whole_config_and_evaluates_on_given_data(tmp_path, capsys):
+  from jaxft import config as config_lib
+  run = str(tmp_path / 'run')
+  convert.import_hf(hf_dir(tmp_path / 'src'), run)
+  saved = json.load(open(os.path.join(run, 'config.json')))
+  assert config_lib.differences(saved, config_lib.load_file(config_lib.COMMON)) == [
+      ('model.embed_dim', 32, None), ('model.max_len', 64, None), ('model.mlp_dim', 128, None),
+      ('model.num_heads', 4, None), ('model.num_layers', 2, None), ('model.size', 'gpt2', 'tiny'),
+      ('tokenizer', f'hf:{tmp_path / "src"}', 'bytes')]
+  # Its config names no data; evaluation is told which, and reports apart from the run's own.
+  evaluate.main(['--workdir', run, '--split', 'val', '--config.data.source', 'demo',
+                 '--config.data.demo.num_examples=300', '--config.data.seq_len=32'])
+  out = capsys.readouterr().out
+  report_path = re.search(r'wrote (\S+/eval/val_[0-9a-f]{8}_0\.json)', out).group(1)
+  report = json.load(open(report_path))
+  assert report['overrides'] == {'data.source': 'demo', 'data.demo.num_examples': '300',
+                                 'data.seq_len': '32'}
+  assert report['metrics']['loss'] > 0 and report['metrics']['supervised_tokens'] > 0
+  with pytest.raises(config_lib.ConfigError, match=r"--config\.model\.num_layers: evaluation "
+                     r"takes only data\., .*the model is the checkpoint's"):
+    evaluate.main(['--workdir', run, '--config.model.num_layers=3'])
+  # Or the data comes with the import: the rest of a config file's keys, the model the checkpoint's.
+  convert.main(['from-hf', '--model', str(tmp_path / 'src'), '--out', str(tmp_path / 'demo'),
+                '--config', 'configs/demo.py:labeled_pair'])
+  demo = json.load(open(tmp_path / 'demo' / 'config.json'))
+  assert (demo['objective'], demo['data']['source'], demo['model']['num_layers']) == (
+      'labeled_pair', 'demo', 2)
 
 
 def test_export_replaces_an_earlier_export_and_spares_workdirs(tmp_path):

@@ -108,3 +108,18 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   assert all(len(l['completion']) <= 5 for l in lines)  # At most one character per byte token.
   with pytest.raises(config_lib.ConfigError, match=r'\+ --max-new-tokens 61 > model max_len 64'):
     generate.main(['--workdir', wd, '--prompt', '1+1=', '--max-new-tokens', '61'])
+  # A pair run's prompts go through its data.prompt_template, as in training; --raw does not.
+  cfg_path = os.path.join(wd, 'config.json')
+  cfg = json.load(open(cfg_path))
+  cfg['data']['prompt_template'] = 'Q: {prompt} A: '
+  json.dump(cfg, open(cfg_path, 'w'))
+  capsys.readouterr()
+  for argv in (['--prompt', '1+1='], ['--prompt', 'Q: 1+1= A: ', '--raw'], ['--prompt', '1+1=', '--raw']):
+    generate.main(['--workdir', wd, '--max-new-tokens', '5'] + argv)
+  templated, by_hand, raw = capsys.readouterr().out.splitlines()
+  assert templated == by_hand and templated.startswith('Q: 1+1= A: ') and raw.startswith('1+1=')
+  cfg['objective'] = 'classification'
+  json.dump(cfg, open(cfg_path, 'w'))
+  with pytest.raises(config_lib.ConfigError, match=r'is a classification run: its outputs are '
+                     r'class scores \(python -m jaxft.evaluate\), not text'):
+    generate.main(['--workdir', wd, '--prompt', '1+1='])
