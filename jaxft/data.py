@@ -10,6 +10,7 @@ import csv
 import functools
 import glob
 import gzip
+import hashlib
 import io
 import json
 
@@ -312,6 +313,18 @@ class Packer:
     return row
 
 
+def fingerprint(records):
+  """Which train records these are, as 16 hex digits of a sha256: of their content when they are
+  in memory, of the dataset split's spec and record indices when read as drawn."""
+  digest = hashlib.sha256()
+  if getattr(records, 'lazy', False):
+    digest.update(records.spec.encode() + np.asarray(records.indices, np.int64).tobytes())
+  else:
+    for rec, _ in records:
+      digest.update(json.dumps(rec, sort_keys=True, default=str).encode())
+  return digest.hexdigest()[:16]
+
+
 class TrainStream:
   """This process's rows of every global train batch, in an order fixed by (seed, records) alone.
 
@@ -333,7 +346,8 @@ class TrainStream:
       raise DataError(f'train split has {len(records)} records, fewer than one batch of '
                       f'{batch_size}')
     self.records, self.tokenize, self.arrays, self.seq_len = records, segments, arrays, seq_len
-    self.key = {'seed': seed, 'batch_size': batch_size, 'records': len(records)}
+    self.key = {'seed': seed, 'batch_size': batch_size, 'records': len(records),
+                'fingerprint': fingerprint(records)}
     self._epochs = {}  # epoch -> its permutation of the records (the few in use).
     self.slots = process_rows(batch_size, process)
     self.dropped = {j: 0 for j in self.slots}
@@ -385,11 +399,14 @@ class TrainStream:
 
   def set_state(self, state):
     """Resume at a saved position (saved by any number of processes)."""
-    saved = {k: state.get(k) for k in self.key}
-    if saved != self.key:
-      raise DataError(f'the checkpoint\'s data position is for {saved}, this run has {self.key}: '
-                      f'the data order cannot carry over (resume with the saved config.json, or '
-                      f'start a new workdir with train.init_from)')
+    # (A checkpoint from before the fingerprint existed is compared on the rest.)
+    diffs = [f'{k} {state[k]!r} vs {v!r}' for k, v in self.key.items()
+             if k in state and state[k] != v]
+    if diffs:
+      raise DataError(f'the checkpoint\'s data position is for other train data (checkpoint vs '
+                      f'this run: {", ".join(diffs)}): the data order cannot carry over (resume '
+                      f'with the saved config.json and data, or start a new workdir with '
+                      f'train.init_from)')
     slots = {j: (k, s, d) for j, k, s, d in state['slots']}
     for j, packer in self.packers.items():
       packer.k, packer.s, self.dropped[j] = slots[j]

@@ -236,9 +236,18 @@ def test_mid_epoch_resume_gives_the_same_following_batches():
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   other = stream('next_token', long_docs, batch=8, data__seq_len=16)
-  with pytest.raises(data.DataError, match=r"data position is for \{'seed': 7, 'batch_size': 4, "
-                     r"'records': 30\}, this run has \{'seed': 7, 'batch_size': 8, 'records': 30\}"):
+  with pytest.raises(data.DataError, match=r"data position is for other train data \(checkpoint "
+                     r"vs this run: batch_size 4 vs 8\)"):
     other.set_state(state)
+  # As many records, one of them edited: the fingerprint tells them apart.
+  edited = long_docs[:3] + [({'text': 'edited'}, 'mem:3')] + long_docs[4:]
+  with pytest.raises(data.DataError, match=r"checkpoint vs this run: fingerprint '[0-9a-f]{16}' "
+                     r"vs '[0-9a-f]{16}'\)"):
+    stream('next_token', edited, data__seq_len=16).set_state(state)
+  # A checkpoint saved before the fingerprint existed resumes, compared on the rest.
+  old = stream('next_token', long_docs, data__seq_len=16)
+  old.set_state({k: v for k, v in state.items() if k != 'fingerprint'})
+  np.testing.assert_array_equal(next(old)['tokens'], rest[0]['tokens'])
 
 
 def test_eval_batches_pad_with_masked_rows():
