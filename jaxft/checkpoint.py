@@ -155,7 +155,9 @@ def resolve(path):
   if (path / 'params').is_dir():  # A step directory.
     return path.parent, int(path.name)
   if not path.is_dir():
-    raise FileNotFoundError(f'no jaxft checkpoint at {path}')
+    steps = ocp.utils.checkpoint_steps(path.parent) if path.parent.is_dir() else []
+    raise FileNotFoundError(f'no jaxft checkpoint at {path}' + (
+        f' (that directory has steps {", ".join(map(str, sorted(steps)))})' if steps else ''))
   steps = ocp.utils.checkpoint_steps(path)
   if not steps:
     raise FileNotFoundError(f'{path} holds no finished checkpoint')

@@ -340,7 +340,8 @@ def run(cfg, workdir):
                                                built.shardings)
   if cfg.data.seq_len > model_cfg.max_len:
     raise config_lib.ConfigError(
-        f'data.seq_len={cfg.data.seq_len} > model max_len={model_cfg.max_len}')
+        f'data.seq_len={cfg.data.seq_len} > the model\'s {model_cfg.max_len} positions '
+        f'(model.max_len, or model.size={cfg.model.size!r}\'s)')
   sizes = built.param_sizes
   n_train = sum(n for k, n in sizes.items() if trainable is None or trainable(k))
   if n_train == 0:

@@ -74,7 +74,8 @@ CASES = {
         {'mesh__data': 3}, False, r"mesh \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices, "
         r'have 8'),
     'seq_len above the model positions': (
-        {'data__seq_len': 100}, False, r'data\.seq_len=100 > model max_len=64'),
+        {'data__seq_len': 100}, False, r"data\.seq_len=100 > the model's 64 positions \(model\.max_len, or "
+        r"model\.size='tiny''s\)"),
     'unknown objective': (
         {'objective': 'regression'}, False,
         r"unknown objective 'regression'; known: next_token, labeled_pair, classification"),

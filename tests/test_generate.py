@@ -97,6 +97,9 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   again = json.load(open(os.path.join(wd, 'eval', 'test_4.json')))
   assert again['metrics'] == pytest.approx(final) and 'constant_exact_match' in again['baselines']
   assert 'labeled_pair on test at step 4' in capsys.readouterr().out
+  with pytest.raises(FileNotFoundError, match=r'no jaxft checkpoint at .*/checkpoints/3 \(that '
+                     r'directory has steps 4\)'):
+    evaluate.main(['--workdir', wd, '--step', '3'])
   prompts = tmp_path / 'p.jsonl'
   prompts.write_text('{"prompt": "1+1="}\n{"prompt": "30-4="}\n{"prompt": "5+"}\n')
   out = tmp_path / 'out.jsonl'
