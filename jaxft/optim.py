@@ -81,7 +81,10 @@ def int8_moments(adam, b1, b2):
   parameter. The stochastic rounding's key comes from the step count: a resumed run draws the
   same bits."""
   is_var = lambda x: isinstance(x, nnx.Variable)
-  leaf_map = lambda fn, *trees: jax.tree.map(fn, *trees, is_leaf=is_var)
+  # A frozen param's moments (train.trainable) are Variables holding optax MaskedNodes: kept so.
+  masked = lambda v: isinstance(v.get_value(), optax.MaskedNode)
+  leaf_map = lambda fn, *trees: jax.tree.map(lambda v, *rest: v if masked(v) else fn(v, *rest),
+                                             *trees, is_leaf=is_var)
 
   def zero_scales(params):  # One per row of the last axis; sharded like the params' rows.
     def zero(v):
@@ -97,8 +100,9 @@ def int8_moments(adam, b1, b2):
     leaves, treedef = jax.tree.flatten(moments, is_leaf=is_var)
     keys = [None] * len(leaves) if key is None else jax.random.split(key, max(len(leaves), 1))
     scales = jax.tree.leaves(scales, is_leaf=is_var)
-    return jax.tree.unflatten(treedef, [m.replace(quantize(m[...], s[...], code, k))
-                                        for m, s, k in zip(leaves, scales, keys)])
+    return jax.tree.unflatten(treedef, [
+        m if masked(m) else m.replace(quantize(m[...], s[...], code, k))
+        for m, s, k in zip(leaves, scales, keys)])
 
   def decode(codes, scales, code):
     return leaf_map(lambda q, s: q.replace(dequantize(q[...], s[...], code)), codes, scales)
@@ -169,6 +173,13 @@ def apply_if_finite(inner, max_consecutive_errors):
         inner_state)
 
   return optax.GradientTransformation(init, update)
+
+
+def schedule_count(opt_state):
+  """The lr schedule's step count in `opt_state`: behind the train step by the updates skipped
+  (apply_if_finite keeps a skipped step's inner state as it was)."""
+  return optax.tree.get(opt_state, 'count', filtering=lambda path, _: (
+      getattr(path[-1], 'tuple_name', None) == 'ScaleByScheduleState'))
 
 
 def trainable_fn(spec):

@@ -8,6 +8,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -96,14 +97,17 @@ def state_shardings(abstract_state, mesh):
   """
   with activate(mesh):
     shardings = nnx.get_named_sharding(abstract_state, mesh)
-  # Annotated arrays: params and the moments that mirror them (a frozen param's optimizer
-  # state holds optax MaskedNodes instead: nothing to place).
-  sharded = lambda x: (isinstance(x, nnx.Variable) and x.get_metadata().get('out_sharding')
-                       and hasattr(x.get_value(), 'shape'))
-  shardings = jax.tree.map(
-      lambda x, sh: sh.replace(NamedSharding(mesh, with_fsdp(sh.get_value().spec, x.shape, mesh)))
-      if sharded(x) else sh, abstract_state, shardings,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  # Annotated arrays: params and the moments that mirror them. A frozen param's optimizer state
+  # holds an optax MaskedNode (no leaves) that nnx still gives a sharding: kept as it is, so the
+  # shardings have the state's leaves and no others.
+  def place(x, sh):
+    if isinstance(x, nnx.Variable) and isinstance(x.get_value(), optax.MaskedNode):
+      return x
+    if isinstance(x, nnx.Variable) and x.get_metadata().get('out_sharding'):
+      return sh.replace(NamedSharding(mesh, with_fsdp(sh.get_value().spec, x.shape, mesh)))
+    return sh
+  shardings = jax.tree.map(place, abstract_state, shardings,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
   bad = []
   flat = jax.tree_util.tree_leaves_with_path(abstract_state)
   for (path, x), sh in zip(flat, jax.tree.leaves(shardings)):

@@ -88,6 +88,7 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=
     if offloaded is not None:
       opt_state = jax.device_put(opt_state, jax.tree.map(
           lambda s: s.with_memory_kind('device'), offloaded))
+    lr = lr_schedule(optim.schedule_count(opt_state))  # What this update applies.
     updates, opt_state = tx.update(grads, opt_state, params)
     if offloaded is not None:
       opt_state = jax.device_put(opt_state, offloaded)
@@ -96,7 +97,7 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=
     new_state = {'params': new_params, 'opt_state': opt_state,
                  'step': state['step'] + 1, 'rng': state['rng']}
     metrics = {'loss': loss_sum_ / denom, 'grad_norm': optax.tree.norm(grads),
-               'lr': lr_schedule(state['step']), 'supervised_tokens': count,
+               'lr': lr, 'supervised_tokens': count,
                'tokens': jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32),
                # optax.apply_if_finite's count: the update was dropped iff 0 < it <= skip_nonfinite.
                'nonfinite_in_a_row': optax.tree.get(opt_state, 'notfinite_count')}

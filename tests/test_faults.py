@@ -153,6 +153,9 @@ def test_nan_batch_is_skipped_and_counted_when_allowed(tmp_path, monkeypatch, ca
   trains = {l['step']: l for l in lines if l['split'] == 'train'}
   assert trains[6]['loss'] is None and trains[5]['skipped_steps'] == 0
   assert trains[10]['skipped_steps'] == 1 and np.isfinite(trains[10]['loss'])
+  # Nor did it advance the lr schedule (optax keeps a skipped step's state): the lr logged is the
+  # one applied, step 7's that step 6 would have had.
+  assert trains[5]['lr'] != trains[6]['lr'] == trains[7]['lr'] != trains[8]['lr']
   # Two bad batches in a row with only one allowed: the second stops the run before its save.
   wd2 = str(tmp_path / 'two')
   poison(monkeypatch, 5, 6)

@@ -154,6 +154,33 @@ def test_resume_onto_a_different_mesh(tmp_path, capsys):
     np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize('moments', ['float32', 'int8'])
+def test_frozen_backbone_resumes_bitwise_on_a_sharded_mesh(tmp_path, capsys, moments):
+  """train.trainable='head' on a data x fsdp x tensor mesh: the frozen params' optimizer state
+  (optax MaskedNodes) has nothing to place, and a run stopped at step 3 resumes to end bit for
+  bit where the uninterrupted one does, its backbone untouched."""
+  import shutil
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  opts = dict(objective='classification', train__trainable='head', optim__moments_dtype=moments,
+              train__steps=6, checkpoint__every=3, checkpoint__keep=5, checkpoint__keep_best=False,
+              mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+  train.main(small_argv(a, **opts))
+  shutil.copytree(a, b)
+  shutil.rmtree(os.path.join(b, 'checkpoints', '6'))
+  train.main(small_argv(b, **opts))
+  assert f'resumed from {b}/checkpoints/3' in capsys.readouterr().out
+  start, pa, pb = read_params(a, 3), read_params(a), read_params(b)
+  assert pa.keys() == pb.keys() and len(pa) == 29
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    if k != 'score/value':
+      np.testing.assert_array_equal(start[k], pa[k], err_msg=k)
+  assert not np.array_equal(start['score/value'], pa['score/value'])
+  same = lambda wd: [(l['step'], l['loss'], l['grad_norm']) for l in metrics(wd)
+                     if l['split'] == 'train']
+  assert same(a) == same(b) and len(same(a)) == 6
+
+
 def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
   src = tmp_path / 'corpus.jsonl'
   lines = [json.dumps({'body': f'the {i} cat sat on the {i % 7} mat. '}) for i in range(400)]
