@@ -42,15 +42,18 @@ def load_file(spec):
   return cfg
 
 
-def flat_keys(cfg, prefix=''):
-  """All dotted leaf keys of a ConfigDict."""
-  keys = []
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      keys += flat_keys(v, f'{prefix}{k}.')
-    else:
-      keys.append(prefix + k)
-  return keys
+def flatten(tree, prefix=''):
+  """{dotted leaf key: value} of a ConfigDict or of its dict (a config.json's)."""
+  out = {}
+  for k, v in tree.items():
+    nested = isinstance(v, (dict, ml_collections.ConfigDict))
+    out.update(flatten(v, f'{prefix}{k}.') if nested else {prefix + k: v})
+  return out
+
+
+def within(key, names):
+  """Whether dotted `key` is one of `names`, or under one of them written as 'section.'."""
+  return any(key == n or (n.endswith('.') and key.startswith(n)) for n in names)
 
 
 def _parse_value(old, text):
@@ -78,7 +81,7 @@ def _parent(cfg, key):
 
 def override(cfg, key, text):
   """Set dotted `key` from its command-line text, with the field's type checked."""
-  keys = flat_keys(cfg)
+  keys = list(flatten(cfg))
   if key not in keys:
     near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     hint = f'; did you mean {", ".join(near)}?' if near else f'; valid keys: {", ".join(keys)}'
@@ -102,7 +105,7 @@ def help_text(cfg, usage):
     return '\n'.join(lines + ['With --config=FILE, --help lists every key that file takes.'])
   lines.append('Config keys, each settable as --config.key=value (defaults and why: '
                'configs/common.py):')
-  for key in flat_keys(cfg):
+  for key in flatten(cfg):
     node, leaf = _parent(cfg, key)
     value = node[leaf]
     shown = f'None ({node.get_type(leaf).__name__})' if value is None else value
@@ -174,17 +177,10 @@ RESUME_FREE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval
                'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp')
 
 
-def _flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: v})
-  return out
-
-
 def differences(saved, cfg):
   """[(key, saved value, value in cfg)] where a config.json's dict and `cfg` differ (keys only
   one side has, from another jaxft version, are not compared)."""
-  saved, now = _flat(saved), _flat(json.loads(json.dumps(cfg.to_dict())))  # Tuples as lists.
+  saved, now = flatten(saved), flatten(json.loads(json.dumps(cfg.to_dict())))  # Tuples as lists.
   return [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
 
 
@@ -196,7 +192,7 @@ def resume_changes(cfg, workdir):
   if not path.exists():
     return []
   changed = differences(json.loads(path.read_text()), cfg)
-  free = lambda k: k in RESUME_FREE or k.startswith(tuple(f for f in RESUME_FREE if f[-1] == '.'))
+  free = lambda k: within(k, RESUME_FREE)
   fixed = [f'{k}: run {old!r} vs now {new!r}' for k, old, new in changed if not free(k)]
   if fixed:
     raise ConfigError(

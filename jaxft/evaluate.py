@@ -128,7 +128,7 @@ def load(workdir, step=None, mesh=None, overrides=()):
     workdir = checkpoint.resolve(workdir)[0] / str(step)
   cfg, directory, step = checkpoint.run_config(workdir)
   for key, text in overrides:
-    if not key.startswith(EVAL_OVERRIDES):
+    if not config_lib.within(key, EVAL_OVERRIDES):
       raise config_lib.ConfigError(f'--config.{key}: evaluation takes only '
                                    f'{", ".join(EVAL_OVERRIDES)} (the model is the checkpoint\'s)')
     config_lib.override(cfg, key, text)

@@ -67,7 +67,7 @@ def test_help_lists_every_key_as_an_override_that_parses_back(capsys):
   shown = [l.strip() for l in lines if l.startswith('  --config.')]
   cfg = config_lib.load_file('configs/demo.py:labeled_pair')
   config_lib.override(cfg, 'seed', '4')
-  assert [l.partition('=')[0][len('--config.'):] for l in shown] == config_lib.flat_keys(cfg)
+  assert [l.partition('=')[0][len('--config.'):] for l in shown] == list(config_lib.flatten(cfg))
   assert '--config.model.num_layers=None (int)' in shown and '--config.seed=4' in shown
   settable = [l for l in shown if not l.endswith(')')]
   rebuilt, _ = config_lib.parse_args(['--config=configs/demo.py'] + settable)
@@ -84,13 +84,26 @@ def test_config_is_locked_and_saved(tmp_path):
   config_lib.save(cfg, str(tmp_path))
   saved = json.load(open(tmp_path / 'config.json'))
   assert saved['seed'] == 3 and saved['data']['source'] == 'demo'
+  assert config_lib.flatten(saved).keys() == config_lib.flatten(cfg).keys()
+
+
+def test_key_lists_name_real_keys_or_sections():
+  """RESUME_FREE and evaluate's EVAL_OVERRIDES: exact keys, or sections written 'name.'."""
+  from jaxft import evaluate
+  keys = list(config_lib.flatten(config_lib.load_file(config_lib.COMMON)))
+  for names in (config_lib.RESUME_FREE, evaluate.EVAL_OVERRIDES):
+    for n in names:
+      assert [k for k in keys if config_lib.within(k, [n])], n
+  assert config_lib.within('checkpoint.every', ['checkpoint.'])
+  assert not config_lib.within('train.steps_x', ['train.steps'])
+  assert not config_lib.within('checkpoint', ['checkpoint.'])
 
 
 def test_demo_overrides_only_what_differs(root):
   """Every key in demo.py exists in common.py: config files cannot introduce keys."""
   common = config_lib.load_file(os.path.join(root, 'configs', 'common.py'))
   demo = config_lib.load_file(os.path.join(root, 'configs', 'demo.py'))
-  assert config_lib.flat_keys(common) == config_lib.flat_keys(demo)
+  assert list(config_lib.flatten(common)) == list(config_lib.flatten(demo))
 
 
 def test_command_line_reports_user_errors_in_one_line(root):
