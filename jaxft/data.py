@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import zlib
 
 import jax
 import numpy as np
@@ -107,22 +108,29 @@ def _json_line(raw, path, i):
 def _jsonl(path, on_error, skipped):
   with epath.Path(path).open('rb') as raw_file, (
       gzip.GzipFile(fileobj=raw_file) if path.endswith('.gz') else raw_file) as f:
-    for i, raw in enumerate(f, 1):
-      with bad_records(on_error, skipped):
-        if (rec := _json_line(raw, path, i)) is not None:
-          yield rec, f'{path}:{i}'
+    i = 0
+    try:
+      for i, raw in enumerate(f, 1):
+        if i == 1:  # A byte-order mark (some Windows editors write one) is not part of the JSON.
+          raw = raw.removeprefix(b'\xef\xbb\xbf')
+        with bad_records(on_error, skipped):
+          if (rec := _json_line(raw, path, i)) is not None:
+            yield rec, f'{path}:{i}'
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # The rest of the file is unreadable.
+      raise DataError(f'{path}: unreadable as gzip after {i} lines: {e}') from None
 
 
 def _table(path, on_error, skipped):
   """Rows of a .csv / .tsv file with a header line, as dicts of strings."""
   raw = epath.Path(path).read_bytes()
   try:
-    text = raw.decode('utf-8')
+    text = raw.decode('utf-8-sig')  # A byte-order mark (Excel's "CSV UTF-8") is not a header.
   except UnicodeDecodeError as e:  # A table is parsed whole: one bad byte stops it, named.
     line = raw[:e.start].count(b'\n') + 1
     raise DataError(f'{path}:{line}: invalid UTF-8 at byte {e.start} of the file') from None
-  reader = csv.DictReader(io.StringIO(text, newline=''),
-                          delimiter='\t' if path.endswith('.tsv') else ',')
+  # CSV quotes cells with "..."; a TSV (GLUE-style) has no quoting: a " is part of its cell.
+  reader = csv.DictReader(io.StringIO(text, newline=''), **(
+      dict(delimiter='\t', quoting=csv.QUOTE_NONE) if path.endswith('.tsv') else {}))
   for row in reader:
     with bad_records(on_error, skipped):
       if None in row or None in row.values():  # Extra cells land under None, missing ones are None.
@@ -200,8 +208,10 @@ def _plain(value, where, name):
   return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def _tfds_source(name, split, data_cfg):
-  """A TFDS split as a random-access source (array_record data; no TensorFlow needed)."""
+def _tfds_source(name, given, default, data_cfg):
+  """A TFDS split (`given`, else `default`) as a random-access source (array_record data; no
+  TensorFlow needed)."""
+  split = given or default
   try:
     import tensorflow_datasets as tfds
   except ImportError:
@@ -213,9 +223,11 @@ def _tfds_source(name, split, data_cfg):
                     f'{type(e).__name__}: {str(e).strip().splitlines()[0]}') from None
 
 
-def _hf_source(path, split, data_cfg):
-  """A Hugging Face `datasets` split: a hub name, a local dir of data files, or a dir written by
-  save_to_disk."""
+def _hf_source(path, given, default, data_cfg):
+  """A Hugging Face `datasets` split (`given`, else `default`) of a hub name, a local dir of data
+  files or a DatasetDict written by save_to_disk; or one Dataset written by save_to_disk, read
+  whole (a split given must be its own)."""
+  split = given or default
   try:
     import datasets
   except ImportError:
@@ -223,9 +235,15 @@ def _hf_source(path, split, data_cfg):
   try:
     if (epath.Path(path) / 'dataset_dict.json').is_file():
       return datasets.load_from_disk(path)[split]
-    if (epath.Path(path) / 'state.json').is_file():
-      return datasets.load_from_disk(path)
+    if (epath.Path(path) / 'state.json').is_file():  # One saved Dataset: a split of its own.
+      ds = datasets.load_from_disk(path)
+      if given and given != str(ds.split):
+        raise DataError(f'hf:{path}:{given}: the directory holds one saved Dataset (split '
+                        f'{ds.split and str(ds.split)!r}), not a DatasetDict: give it as hf:{path}')
+      return ds
     return datasets.load_dataset(path, data_cfg.hf_name or None, split=split)
+  except DataError:
+    raise
   except (OSError, ValueError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
     raise DataError(f'hf:{path}:{split}: {type(e).__name__}: '
                     f'{str(e).strip().splitlines()[0] if str(e).strip() else "not found"}') from None
@@ -242,8 +260,8 @@ def read_split(spec, split, data_cfg):
   if kind not in SOURCES or not rest:
     return read_records(spec, data_cfg.on_error)
   name, _, given = rest.partition(':')
+  source = SOURCES[kind](name, given, split, data_cfg)
   split = given or split
-  source = SOURCES[kind](name, split, data_cfg)
   if not len(source):
     raise DataError(f'{kind}:{name}:{split} holds no records')
   return SourceRecords(source, f'{kind}:{name}:{split}')
@@ -261,6 +279,10 @@ def load_splits(data_cfg, seed):
                     '(or data.source=demo)')
   splits = {'train': read_split(data_cfg.train, 'train', data_cfg)}
   for offset, (name, split) in enumerate((('val', 'validation'), ('test', 'test')), 1):
+    if data_cfg[name] == data_cfg.train:
+      raise DataError(f'data.{name} and data.train are both {data_cfg.train!r}: held-out '
+                      f'records must be others (or leave data.{name} empty to hold out '
+                      f'data.{name}_fraction of data.train)')
     if data_cfg[name]:
       splits[name] = read_split(data_cfg[name], split, data_cfg)
     else:

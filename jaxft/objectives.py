@@ -55,14 +55,17 @@ def _unsupervised(where, why, data_cfg, dropped):
 # long; a classification segment is (tokens, label).
 
 def _text_field(rec, where, data_cfg):
-  return _text(rec, data_cfg.text_field, where)
+  text = _text(rec, data_cfg.text_field, where)
+  if not text:  # Checked with the fields, before training, as a bad record (data.on_error).
+    raise data.RecordError(f'{where}: field {data_cfg.text_field!r} is empty')
+  return text
 
 
 def _next_token_segments(text, where, tok, data_cfg, dropped):
   """A document + EOS; documents longer than seq_len continue in further segments."""
   ids = tok.encode(text) + [tok.eos_id]
-  if len(ids) < 2:
-    _unsupervised(where, f'field {data_cfg.text_field!r} is empty', data_cfg, dropped)
+  if len(ids) < 2:  # Text the tokenizer makes nothing of (its normalizer may strip it all).
+    _unsupervised(where, f'field {data_cfg.text_field!r} has no tokens', data_cfg, dropped)
     return []
   inputs, targets, T = ids[:-1], ids[1:], data_cfg.seq_len
   return [(inputs[i:i + T], targets[i:i + T], [1.0] * len(targets[i:i + T]))
@@ -154,11 +157,17 @@ def labels(data_cfg):
 
 
 def _label(rec, where, data_cfg):
-  """A record's label as an int in [0, num_labels): given as that int or as one of the names."""
+  """A record's label as an int in [0, num_labels): one of the names, or that index. Names that
+  are numbers (data.label_names='1,2,3,4,5', star ratings) are read as names only, from a JSON
+  int as from a CSV cell: 1 and '1' are both class '1', index 0, and 0 is not a label."""
   num, names = labels(data_cfg)
   value = data.field(rec, data_cfg.label_field, where)
-  if isinstance(value, str) and value in names:
-    return names.index(value)
+  name = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+  if isinstance(name, str) and name.strip() in names:  # (Names are stripped too.)
+    return names.index(name.strip())
+  if all(n.isdigit() for n in names):  # 0..num-1 by default: then every index is a name too.
+    raise data.RecordError(f'{where}: field {data_cfg.label_field!r} = {value!r} is not a label '
+                           f'(one of {names})')
   if isinstance(value, str) and value.strip().isdigit():  # CSV / TSV cells are strings.
     value = int(value)
   if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num:
@@ -169,10 +178,7 @@ def _label(rec, where, data_cfg):
 
 def _class_fields(rec, where, data_cfg):
   _check_side(data_cfg)
-  text = _text(rec, data_cfg.text_field, where)
-  if not text:
-    raise data.RecordError(f'{where}: field {data_cfg.text_field!r} is empty')
-  return text, _label(rec, where, data_cfg)
+  return _text_field(rec, where, data_cfg), _label(rec, where, data_cfg)
 
 
 def _class_segments(fields, where, tok, data_cfg, dropped):

@@ -34,16 +34,19 @@ def test_bad_input_errors_name_file_line_and_field(tmp_path):
 
 
 def test_every_file_format_gives_the_same_records(tmp_path):
-  """.jsonl, .jsonl.gz, .csv and .tsv hold the same records (CSV cells are strings: a quoted comma
-  and a quoted line break survive, and an int label given as '2' is read as 2)."""
+  """.jsonl, .jsonl.gz, .csv and .tsv hold the same records (CSV cells are strings: a quoted
+  comma, quote and line break survive, and an int label given as '2' is read as 2; a TSV has no
+  quoting, GLUE-style: its quotes are text). A UTF-8 byte-order mark is not part of the data."""
   import gzip
   rows = [{'text': 'plain', 'label': 0}, {'text': 'a, comma', 'label': 2},
-          {'text': 'two\nlines', 'label': 1}]
+          {'text': '"quoted" start', 'label': 1}, {'text': 'an "unbalanced', 'label': 0}]
   write(tmp_path / 'r.jsonl', [json.dumps(r) for r in rows])
   with gzip.open(tmp_path / 'r.jsonl.gz', 'wt') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
-  (tmp_path / 'r.csv').write_text('text,label\nplain,0\n"a, comma",2\n"two\nlines",1\n')
-  (tmp_path / 'r.tsv').write_text('label\ttext\n0\tplain\n2\ta, comma\n1\t"two\nlines"\n')
+  (tmp_path / 'r.csv').write_text('text,label\nplain,0\n"a, comma",2\n"""quoted"" start",1\n'
+                                  '"an ""unbalanced",0\n', encoding='utf-8-sig')
+  (tmp_path / 'r.tsv').write_text('label\ttext\n0\tplain\n2\ta, comma\n1\t"quoted" start\n'
+                                  '0\tan "unbalanced\n')
   cfg = small_config(objective='classification', data__seq_len=16)
   tok = tokenizer.build('bytes')
   encoded = {}
@@ -51,11 +54,23 @@ def test_every_file_format_gives_the_same_records(tmp_path):
     recs = data.read_records(str(tmp_path / f'r.{ext}'))
     assert [r['text'] for r, _ in recs] == [r['text'] for r in rows], ext
     encoded[ext] = objectives.get('classification').encode(recs, tok, cfg.data)
-    np.testing.assert_array_equal(encoded[ext]['label'], [0, 2, 1])
+    np.testing.assert_array_equal(encoded[ext]['label'], [0, 2, 1, 0])
     np.testing.assert_array_equal(encoded[ext]['tokens'], encoded['jsonl']['tokens'])
-  # Where: the line a record ends on (a CSV header is line 1; the quoted break spans 4-5).
-  assert [w for _, w in data.read_records(str(tmp_path / 'r.csv'))] == [
-      f'{tmp_path}/r.csv:{i}' for i in (2, 3, 5)]
+  # Where: the line a record ends on (a CSV header is line 1; the quoted break spans 3-4).
+  (tmp_path / 'b.csv').write_text('text,label\nplain,0\n"two\nlines",1\n')
+  assert [(r['text'], w) for r, w in data.read_records(str(tmp_path / 'b.csv'))] == [
+      ('plain', f'{tmp_path}/b.csv:2'), ('two\nlines', f'{tmp_path}/b.csv:4')]
+  (tmp_path / 'bom.jsonl').write_text(json.dumps(rows[0]) + '\n', encoding='utf-8-sig')
+  assert [r for r, _ in data.read_records(str(tmp_path / 'bom.jsonl'))] == rows[:1]
+  # A .gz file that is not gzip, or is cut short, is named.
+  (tmp_path / 'not.jsonl.gz').write_text(json.dumps(rows[0]))
+  cut = tmp_path / 'cut.jsonl.gz'
+  cut.write_bytes((tmp_path / 'r.jsonl.gz').read_bytes()[:-12])
+  for path, why in ((tmp_path / 'not.jsonl.gz', 'Not a gzipped file'),
+                    (cut, 'Compressed file ended')):
+    for on_error in ('raise', 'skip'):
+      with pytest.raises(data.DataError, match=rf'{path}: unreadable as gzip after \d+ lines: {why}'):
+        data.read_records(str(path), on_error)
   assert data.read_records(str(tmp_path / 'r.jsonl.gz'))[2][1] == f'{tmp_path}/r.jsonl.gz:3'
   (tmp_path / 'r.parquet').write_text('')
   with pytest.raises(data.DataError, match=r'r\.parquet: unsupported file type \(use \.jsonl, '
@@ -208,11 +223,14 @@ def test_processes_share_the_batch_and_tokenize_only_their_rows():
 
 
 def test_records_without_supervision_are_dropped_as_drawn_and_counted():
-  docs = [({'text': '' if i == 5 else f'doc {i}'}, f'mem:{i}') for i in range(12)]
-  s = stream('next_token', docs, data__pack=False)
-  with pytest.raises(data.DataError, match=r"mem:5: field 'text' is empty, so it carries no loss"):
+  docs = [({'prompt': 'x' * 40 if i == 5 else f'q {i}', 'completion': f'a {i}'}, f'mem:{i}')
+          for i in range(12)]
+  opts = dict(data__pack=False, data__truncation_side='right')
+  s = stream('labeled_pair', docs, **opts)
+  with pytest.raises(data.DataError, match=r'mem:5: the prompt fills data.seq_len=32 and the '
+                     r'completion is truncated away, so it carries no loss'):
     [next(s) for _ in range(12)]
-  s = stream('next_token', docs, data__pack=False, data__drop_unsupervised=True)
+  s = stream('labeled_pair', docs, **opts, data__drop_unsupervised=True)
   batches = [next(s) for _ in range(8)]
   state = s.get_state()
   drawn = [s.record_at(j + k * 4) for j, k, _, _ in state['slots'] for k in range(k)]

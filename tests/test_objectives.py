@@ -103,6 +103,14 @@ def test_classification_labels_by_int_or_name_and_bad_labels():
     encode('classification', recs({'text': 'a', 'label': 0}), data__num_labels=2)
   with pytest.raises(data.DataError, match=r"mem.jsonl:1: missing field 'label'"):
     encode('classification', recs({'text': 'a'}))
+  # Names that are digits (star ratings): a name wins over an index, for JSON ints as for CSV
+  # strings, so every file format reads the same classes.
+  stars = dict(data__label_names='1,2,3,4,5', data__num_labels=0)
+  ex = encode('classification', recs(*({'text': 'a', 'label': v} for v in (1, '1', 5, '5'))),
+              **stars)
+  np.testing.assert_array_equal(ex['label'], [0, 0, 4, 4])
+  with pytest.raises(data.DataError, match=r"mem.jsonl:1: field 'label' = 0 is not a label"):
+    encode('classification', recs({'text': 'a', 'label': 0}), **stars)
 
 
 def tiny_model(num_labels=0, seed=0):

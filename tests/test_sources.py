@@ -86,7 +86,8 @@ def hf_dirs(tmp_path_factory):
   return str(root / 'files'), saved, pairs
 
 
-def test_hf_datasets_from_local_files_and_save_to_disk(hf_dirs, monkeypatch):
+def test_hf_datasets_from_local_files_and_save_to_disk(hf_dirs, monkeypatch, tmp_path):
+  import datasets
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   files, saved, pairs = hf_dirs
   cfg = small_config().data
@@ -94,6 +95,18 @@ def test_hf_datasets_from_local_files_and_save_to_disk(hf_dirs, monkeypatch):
     records = data.read_split(spec, 'validation', cfg)
     assert [r for r, _ in records] == pairs['validation'], spec
     assert records[3][1] == f'{spec}:validation[3]'
+  # One saved Dataset (not a DatasetDict) is read whole; a split named for it must be its own.
+  one = str(tmp_path / 'one')
+  datasets.Dataset.from_list(pairs['test']).save_to_disk(one)
+  assert [r for r, _ in data.read_split(f'hf:{one}', 'validation', cfg)] == pairs['test']
+  with pytest.raises(data.DataError, match=rf'hf:{one}:test: the directory holds one saved '
+                     rf'Dataset \(split None\), not a DatasetDict: give it as hf:{one}$'):
+    data.read_split(f'hf:{one}:test', 'train', cfg)
+  # Nor can one source be both the train and a held-out split.
+  both = small_config(data__source='files', data__train=f'hf:{one}', data__val=f'hf:{saved}',
+                      data__test=f'hf:{one}').data
+  with pytest.raises(data.DataError, match=rf"data.test and data.train are both 'hf:{one}'"):
+    data.load_splits(both, 0)
   with pytest.raises(data.DataError, match=rf'hf:{files}:nope: ValueError: Unknown split "nope"'):
     data.read_split(f'hf:{files}:nope', 'train', cfg)
   with pytest.raises(data.DataError, match=r'hf:no-org/no-set:train: '):
