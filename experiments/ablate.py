@@ -45,7 +45,9 @@ def expand(sweeps, seeds):
 
 def command(config, cell, seed, sets, workdir):
   overrides = {**dict(s.split('=', 1) for s in sets), **cell, 'seed': str(seed)}
-  args = [f'--config.{k}={v.format(seed=seed)}' for k, v in overrides.items() if v != '']
+  # Only {seed} is filled in: other braces (data.prompt_template's {prompt}) stay as written.
+  args = [f'--config.{k}={v.replace("{seed}", str(seed))}' for k, v in overrides.items()
+          if v != '']
   return [sys.executable, '-m', 'jaxft.train', f'--config={config}', f'--workdir={workdir}', *args]
 
 
@@ -103,9 +105,12 @@ def run_one(config, name, cell, seed, sets, out, eval_as):
   extra = {}
   if eval_as:  # Judge the final checkpoint by another objective's metrics too.
     for split in ('val', 'test'):
-      subprocess.run([sys.executable, '-m', 'jaxft.evaluate', f'--workdir={workdir}',
-                      f'--split={split}', f'--objective={eval_as}'], cwd=ROOT, check=True,
-                     capture_output=True)
+      done = subprocess.run([sys.executable, '-m', 'jaxft.evaluate', f'--workdir={workdir}',
+                             f'--split={split}', f'--objective={eval_as}'], cwd=ROOT,
+                            capture_output=True, text=True)
+      if done.returncode:
+        raise RuntimeError(f'{workdir}: evaluate --split={split} --objective={eval_as} failed '
+                           f'(exit {done.returncode}): {done.stderr.strip()[-2000:]}')
       extra[split] = report.latest_eval(workdir, f'{split}_as_{eval_as}')
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)

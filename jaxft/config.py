@@ -88,11 +88,34 @@ def override(cfg, key, text):
     raise ConfigError(f'unknown config key {key!r}{hint}')
   node, leaf = _parent(cfg, key)
   old = node[leaf]
+  kind = type(old) if old is not None else node.get_type(leaf)  # A placeholder's type.
+  want = kind.__name__
   try:
-    node[leaf] = _parse_value(old, text)
+    value = _parse_value(old, text)
+    # ml_collections lets None into any field and a bool into a number one: not from here.
+    if (value is None and old is not None) or (isinstance(value, bool) and kind in (int, float)):
+      raise TypeError(f'{value!r} is not of type {want}')
+    node[leaf] = value
   except (TypeError, ValueError) as e:
-    want = type(old).__name__ if old is not None else 'the field type'
     raise ConfigError(f'bad value for config key {key!r}: {text!r} (expected {want}): {e}') from None
+
+
+# Counts the trainer divides by or loops over: at least this much.
+AT_LEAST = {1: ('train.steps', 'train.batch_size', 'train.grad_accum', 'train.log_every',
+                'train.eval_every', 'checkpoint.every', 'checkpoint.keep', 'data.seq_len',
+                'model.vocab_multiple', 'data.demo.num_examples'),
+            0: ('train.eval_batches', 'train.exact_match_examples', 'optim.lr',
+                'optim.warmup_steps', 'optim.skip_nonfinite', 'optim.clip_norm',
+                'optim.weight_decay', 'data.num_labels', 'model.dropout')}
+
+
+def check(cfg):
+  """Refuse a value out of its range (AT_LEAST), naming the key."""
+  values = flatten(cfg)
+  for least, keys in AT_LEAST.items():
+    for key in keys:
+      if values[key] < least:
+        raise ConfigError(f'config key {key!r} is {values[key]!r}; it must be >= {least}')
 
 
 USAGE = '--config=FILE[:variant] [--config.key=value ...] [--workdir=DIR]'
@@ -117,7 +140,8 @@ def equals_form(argv):
   """argv with each '--name value' pair written '--name=value': both forms are accepted."""
   out = []
   for a in argv:
-    if out and out[-1].startswith('--') and '=' not in out[-1] and not a.startswith('-'):
+    if out and out[-1].startswith('--') and '=' not in out[-1] and not a.startswith('--') \
+        and a != '-h':  # (A value may start with '-': --config.seed -3.)
       out[-1] += '=' + a
     else:
       out.append(a)
@@ -151,6 +175,7 @@ def parse_args(argv, usage='python -m jaxft.train ' + USAGE):
   cfg = load_file(spec)
   for key, value in overrides:
     override(cfg, key, value)
+  check(cfg)
   if wants_help:
     print(help_text(cfg, usage))
     sys.exit(0)

@@ -132,6 +132,7 @@ def load(workdir, step=None, mesh=None, overrides=()):
       raise config_lib.ConfigError(f'--config.{key}: evaluation takes only '
                                    f'{", ".join(EVAL_OVERRIDES)} (the model is the checkpoint\'s)')
     config_lib.override(cfg, key, text)
+  config_lib.check(cfg)
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
   mesh = mesh or sharding.make_mesh(cfg.mesh)

@@ -117,8 +117,12 @@ class MetricsLog:
     if not self.enabled:
       return
     if self.path.exists():
-      self.lines = [l + '\n' for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l)['step'] <= resume_step]
+      lines = [l for l in self.path.read_text().splitlines() if l.strip()]
+      try:
+        json.loads(lines[-1] if lines else '{}')
+      except json.JSONDecodeError:  # Cut short by a kill or a full disk: dropped.
+        log(f'{self.path}: dropping its unfinished last line {lines.pop()[:80]!r}')
+      self.lines = [l + '\n' for l in lines if json.loads(l)['step'] <= resume_step]
       self.path.write_text(''.join(self.lines))
     from tensorboardX import SummaryWriter  # Writes gs:// too.
     self.tb = SummaryWriter(str(epath.Path(workdir) / 'tb'), purge_step=resume_step + 1)

@@ -20,6 +20,9 @@ def test_overrides_are_typed_and_nested(root):
       '--config.model.num_layers', '3', '--config.checkpoint.async_save', 'false',
       '--config.data.train', 'a.jsonl', '--workdir', 'runs/x'])
   assert spaced.to_dict() == cfg.to_dict() and spaced_workdir == 'runs/x'
+  negative, _ = config_lib.parse_args(['--config', 'configs/demo.py', '--config.seed', '-3',
+                                       '--config.optim.lr', '-0'])
+  assert negative.seed == -3 and negative.optim.lr == 0
 
 
 def test_bench_flags_take_both_forms_and_name_a_bad_number():
@@ -47,6 +50,18 @@ def test_wrong_type_is_rejected():
     config_lib.parse_args(['--config=configs/demo.py', '--config.train.steps=ten'])
   with pytest.raises(config_lib.ConfigError, match=r"train\.steps.*2\.5"):
     config_lib.parse_args(['--config=configs/demo.py', '--config.train.steps=2.5'])
+  # ml_collections itself would take None anywhere and a bool as a number.
+  for key, text, want in (('train.steps', 'True', 'int'), ('optim.lr', 'None', 'float'),
+                          ('model.max_len', 'false', 'int')):  # (A placeholder's type.)
+    with pytest.raises(config_lib.ConfigError, match=rf"config key '{key}': '{text}' \(expected "
+                       rf"{want}\): {text.title()} is not of type {want}"):
+      config_lib.parse_args(['--config=configs/demo.py', f'--config.{key}={text}'])
+  # Counts the trainer divides by, out of range: named before anything runs.
+  for key, value, least in (('train.grad_accum', 0, 1), ('checkpoint.every', 0, 1),
+                            ('train.eval_every', 0, 1), ('train.eval_batches', -1, 0)):
+    with pytest.raises(config_lib.ConfigError, match=rf"config key '{key}' is {value}; it must be "
+                       rf">= {least}"):
+      config_lib.parse_args(['--config=configs/demo.py', f'--config.{key}={value}'])
 
 
 def test_missing_file_and_flag_errors():

@@ -3,6 +3,7 @@ tiny sweep."""
 import csv
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -20,6 +21,9 @@ def test_grid_expansion_and_commands():
                      '--config.train.steps=5', '--config.optim.lr=1e-3',
                      '--config.train.init_from=pre/s_1', '--config.seed=1']
   assert '--config.train.init_from=' not in ' '.join(ablate.command('c', runs[0][1], 0, [], 'w'))
+  # Only {seed} is filled in: a prompt template's {prompt} goes through as written.
+  assert ablate.command('c', {}, 2, ['data.prompt_template=Q{seed}: {prompt} A:'], 'w')[-2:] == [
+      '--config.data.prompt_template=Q2: {prompt} A:', '--config.seed=2']
   assert ablate.expand([], 3) == [('base', {}, 0), ('base', {}, 1), ('base', {}, 2)]
   with pytest.raises(SystemExit, match='expected key=value1,value2'):
     ablate.parse_sweep('optim.lr')
@@ -64,6 +68,12 @@ def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypa
   assert ablate.run_one('configs/demo.py', 'cell', {}, 0, sets, str(tmp_path), None) == wd
   record = json.load(open(os.path.join(wd, 'run.json')))
   assert record['git_commit'] == 'abc' and len(record['data_fingerprint']) == 16
+  # A failing --eval-as evaluation stops the sweep with evaluate's own error.
+  failed = subprocess.CompletedProcess([], 1, '', 'error: --objective=next_token needs ...')
+  monkeypatch.setattr(ablate.subprocess, 'run', lambda *a, **k: failed)
+  with pytest.raises(RuntimeError, match=r'cell/seed_0: evaluate --split=val '
+                     r'--objective=next_token failed \(exit 1\): error: --objective=next_token'):
+    ablate.run_one('configs/demo.py', 'cell', {}, 0, sets, str(tmp_path), 'next_token')
   # Other settings into the same --out: refused, naming them, rather than reusing the result.
   with pytest.raises(RuntimeError, match=r"cell/seed_0 holds a finished run of other settings "
                      r"\(optim\.lr: 0\.002 there, 0\.01 now; train\.steps: 400 there, 8 now\)"):

@@ -146,9 +146,14 @@ def test_resume_onto_a_different_mesh(tmp_path, capsys):
   b = str(tmp_path / 'b')
   shutil.copytree(a, b)
   shutil.rmtree(os.path.join(b, 'checkpoints', '8'))
+  with open(os.path.join(b, 'metrics.jsonl'), 'a') as f:  # As a kill mid-write leaves it.
+    f.write('{"step": 9, "split": "train", "lo')
   train.main(small_argv(b, mesh__data=2, mesh__fsdp=2, mesh__tensor=2, **opts))
   out = capsys.readouterr().out
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in out and 'checkpoints/4' in out
+  assert 'metrics.jsonl: dropping its unfinished last line \'{"step": 9, "split": "train", "lo\'' \
+      in out
+  assert [l['step'] for l in metrics(b) if l['split'] == 'train'] == list(range(1, 9))
   pa, pb = read_params(a), read_params(b)
   for k in pa:
     np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=k)
