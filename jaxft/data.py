@@ -278,8 +278,11 @@ def load_splits(data_cfg, seed):
     raise DataError('data.train is empty: give a data file or glob, tfds:<name> or hf:<name> '
                     '(or data.source=demo)')
   splits = {'train': read_split(data_cfg.train, 'train', data_cfg)}
+  # A dataset's spec with its split as read_split defaults it: what two specs are the same data.
+  full = lambda spec, split: spec if spec.partition(':')[0] not in SOURCES or \
+      spec.count(':') > 1 else f'{spec}:{split}'
   for offset, (name, split) in enumerate((('val', 'validation'), ('test', 'test')), 1):
-    if data_cfg[name] == data_cfg.train:
+    if data_cfg[name] and full(data_cfg[name], split) == full(data_cfg.train, 'train'):
       raise DataError(f'data.{name} and data.train are both {data_cfg.train!r}: held-out '
                       f'records must be others (or leave data.{name} empty to hold out '
                       f'data.{name}_fraction of data.train)')

@@ -103,9 +103,9 @@ def test_hf_datasets_from_local_files_and_save_to_disk(hf_dirs, monkeypatch, tmp
                      rf'Dataset \(split None\), not a DatasetDict: give it as hf:{one}$'):
     data.read_split(f'hf:{one}:test', 'train', cfg)
   # Nor can one source be both the train and a held-out split.
-  both = small_config(data__source='files', data__train=f'hf:{one}', data__val=f'hf:{saved}',
-                      data__test=f'hf:{one}').data
-  with pytest.raises(data.DataError, match=rf"data.test and data.train are both 'hf:{one}'"):
+  both = small_config(data__source='files', data__train=f'hf:{files}', data__val=f'hf:{saved}',
+                      data__test=f'hf:{files}:train').data
+  with pytest.raises(data.DataError, match=rf"data.test and data.train are both 'hf:{files}'"):
     data.load_splits(both, 0)
   with pytest.raises(data.DataError, match=rf'hf:{files}:nope: ValueError: Unknown split "nope"'):
     data.read_split(f'hf:{files}:nope', 'train', cfg)
