@@ -10,6 +10,7 @@ shards; import reads each tensor and places only its shards on the mesh), so nei
 holds two copies of the model. Only safetensors are read: no pickle, no remote code.
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -259,7 +260,13 @@ def import_hf(name, out, tokenizer=None, config=None):
   cfg.tokenizer = spec
   cfg.model.update({'size': 'gpt2', 'vocab_size': None, **{k: fields[k] for k in (
       'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len', 'ln_eps')}})
-  cfg.data.update({'num_labels': len(labels or []), 'label_names': ','.join(labels or [])})
+  if any(',' in name for name in labels or []):  # data.label_names is comma-separated.
+    raise checkpoint.CheckpointMismatch(
+        f'{hf_dir}/config.json: label {next(n for n in labels if "," in n)!r} (id2label) has a '
+        f'comma, which data.label_names cannot hold: rename it there')
+  # data.seq_len within the model's positions, so the recorded config runs as it is.
+  cfg.data.update({'num_labels': len(labels or []), 'label_names': ','.join(labels or []),
+                   'seq_len': min(cfg.data.seq_len, fields['max_len'])})
   model_cfg = model_lib.config_from(cfg.model, c['vocab_size'], fields['num_labels'])
   report, tensors = hf_tensors(hf_dir, model_cfg)
   params = {}  # In the checkpoint's tree layout, one tensor converted at a time.
@@ -366,7 +373,9 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
   tokens[~mask] = tok.pad_id
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                             jax.devices()[:1])
-  graphdef, abstract = abstract_model(model_cfg, mesh)
+  # Compared in float32 on both sides: a bf16 run's params are float32 (its compute dtype is not
+  # what was exported).
+  graphdef, abstract = abstract_model(dataclasses.replace(model_cfg, dtype='float32'), mesh)
   values = read_params(params_dir, [r[0] for r in table(model_cfg)])
   model = nnx.merge(graphdef, model_lib.map_with_path(
       lambda p, _: jnp.asarray(values.pop(p)), abstract))

@@ -66,8 +66,8 @@ class Evaluator:
     self.pairs = {}
     n = cfg.train.exact_match_examples if objective.name == 'labeled_pair' else 0
     if n:
-      self.pairs = {s: exact_match_examples(r[:n], tok, cfg.data, tok.pad_id)
-                    for s, r in records.items() if s != 'train'}
+      self.pairs = {s: exact_match_examples(records[s][:n], tok, cfg.data, tok.pad_id)
+                    for s in examples}
 
     def match_step(params, batch):
       out_BN = greedy(nnx.merge(graphdef, params), batch['tokens'], batch['prompt_len'],
@@ -121,6 +121,15 @@ def write_report(workdir, cfg, step, split, metrics, baselines, max_batches=0, o
 EVAL_OVERRIDES = ('data.', 'train.eval_batches', 'train.exact_match_examples', 'mesh.')
 
 
+def overrides_of(rest, parser):
+  """The (key, text) pairs of the --config.key=value arguments argparse left over; any other
+  left-over argument is an error."""
+  overrides = [a[len('--config.'):].split('=', 1) for a in rest if a.startswith('--config.')]
+  if len(overrides) < len(rest) or any(len(o) < 2 for o in overrides):
+    parser.error(f'unrecognized arguments: {" ".join(rest)} (overrides: --config.key=value)')
+  return overrides
+
+
 def load(workdir, step=None, mesh=None, overrides=()):
   """(config, tokenizer, GPTConfig, graphdef, params on `mesh`) of a run's checkpoint, with
   `overrides` ((key, text) pairs within EVAL_OVERRIDES) applied to the run's config."""
@@ -135,6 +144,7 @@ def load(workdir, step=None, mesh=None, overrides=()):
   config_lib.check(cfg)
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
+  objectives.check_positions(cfg, model_cfg)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   graphdef, abstract = convert.abstract_model(model_cfg, mesh)
   params, _ = checkpoint.restore_params(directory / str(step), abstract,
@@ -150,9 +160,7 @@ def main(argv):
   parser.add_argument('--objective', help='judge by another objective with the same model, e.g. '
                       'a next_token run by labeled_pair exact match (default: the run\'s)')
   args, rest = parser.parse_known_args(config_lib.equals_form(argv))
-  overrides = [a[len('--config.'):].split('=', 1) for a in rest if a.startswith('--config.')]
-  if len(overrides) < len(rest) or any(len(o) < 2 for o in overrides):
-    parser.error(f'unrecognized arguments: {" ".join(rest)} (overrides: --config.key=value)')
+  overrides = overrides_of(rest, parser)
   cfg, tok, _, graphdef, params = load(args.workdir, args.step, overrides=overrides)
   step = args.step if args.step is not None else checkpoint.resolve(args.workdir)[1]
   if args.objective:
@@ -161,14 +169,16 @@ def main(argv):
                                    f'than the run\'s {cfg.objective}')
     cfg.objective = args.objective
   objective = objectives.get(cfg.objective)
-  records = {s: objective.check(r, cfg.data) for s, r in data.load_splits(cfg.data, cfg.seed).items()}
+  # A dataset's train split stays unread (as in training) unless it is the one evaluated: the
+  # baselines read only its first records.
+  records = {s: r if s == 'train' != args.split and r.lazy else objective.check(r, cfg.data)
+             for s, r in data.load_splits(cfg.data, cfg.seed).items()}
   examples = {args.split: objective.encode(records[args.split], tok, cfg.data)}
   evaluator = Evaluator(graphdef, objective, examples, records, tok, cfg,
                         sharding.make_mesh(cfg.mesh))
   metrics = evaluator(params, args.split)
-  vocab = objectives.model_config(cfg, tok).vocab_size
   baselines = objectives.baselines(objective, records['train'], records[args.split],
-                                   examples[args.split], tok, cfg.data, vocab)
+                                   examples[args.split], tok, cfg.data)
   split = args.split if not args.objective else f'{args.split}_as_{args.objective}'
   if overrides:  # Other data than the run's: a report of its own, not the run's overwritten.
     split += '_' + hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]

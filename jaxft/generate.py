@@ -3,6 +3,7 @@
     python -m jaxft.generate --workdir runs/demo --prompt '23+58='
     python -m jaxft.generate --workdir runs/demo --prompts-file prompts.jsonl --out out.jsonl \\
         [--max-new-tokens 32 --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0 --num-samples 4]
+        [--config.mesh.data=1 ...]   # evaluate's overrides: e.g. a mesh for the devices here
 
 Prompts of different lengths share a batch (right-padded; each row decodes from its own length)
 and stop at EOS. Works for next_token and labeled_pair runs and for `convert from-hf` workdirs.
@@ -96,19 +97,33 @@ def main(argv):
   parser.add_argument('--num-samples', type=int, default=1)
   parser.add_argument('--raw', action='store_true', help="labeled_pair runs: prompts as written, "
                       "not through the run's data.prompt_template")
-  args = parser.parse_args(argv)
+  # Also --config.mesh.* (e.g. fewer devices than the run had) and --config.data.*, as evaluate.
+  args, rest = parser.parse_known_args(config_lib.equals_form(argv))
+  overrides = evaluate.overrides_of(rest, parser)
+  ranges = [('--temperature', args.temperature, args.temperature >= 0, '>= 0 (0: greedy)'),
+            ('--top-k', args.top_k, args.top_k >= 0, '>= 0 (0: all)'),
+            ('--top-p', args.top_p, 0 < args.top_p <= 1, 'in (0, 1]'),
+            ('--max-new-tokens', args.max_new_tokens, args.max_new_tokens >= 1, '>= 1'),
+            ('--num-samples', args.num_samples, args.num_samples >= 1, '>= 1')]
+  bad = [f'{flag} {value} (must be {want})' for flag, value, ok, want in ranges if not ok]
+  if bad:
+    raise config_lib.ConfigError('out of range: ' + '; '.join(bad))
   cfg = checkpoint.run_config(args.workdir)[0]
   if objectives.get(cfg.objective).has_head:
     raise config_lib.ConfigError(f'{args.workdir} is a {cfg.objective} run: its outputs are '
                                  f'class scores (python -m jaxft.evaluate), not text')
+  cfg, tok, model_cfg, graphdef, params = evaluate.load(args.workdir, args.step,
+                                                        overrides=overrides)
+  if args.top_k > tok.vocab_size:
+    raise config_lib.ConfigError(f'--top-k {args.top_k} > the tokenizer\'s {tok.vocab_size} ids')
   mesh = sharding.make_mesh(cfg.mesh)
-  cfg, tok, model_cfg, graphdef, params = evaluate.load(args.workdir, args.step, mesh)
   pair = cfg.objective == 'labeled_pair'
   if args.prompt is not None:
     texts = [args.prompt]
   else:
     field = cfg.data.prompt_field if pair else 'prompt'  # A pair run reads its own data's field.
-    texts = [data.field(r, field, where) for r, where in data.read_records(args.prompts_file)]
+    texts = [objectives.string_field(r, field, where)
+             for r, where in data.read_records(args.prompts_file)]
   # As in training and evaluation: a pair run was trained on its prompts shown through the template.
   shown = [objectives.shown_prompt(t, cfg.data) if pair and not args.raw else t for t in texts]
   prompts = [tok.encode(t) or [tok.eos_id] for t in shown for _ in range(args.num_samples)]

@@ -34,7 +34,8 @@ class Encoded(dict):
     self.skipped = list(skipped)
 
 
-def _text(rec, name, where):
+def string_field(rec, name, where):
+  """A record's field that must hold text."""
   value = data.field(rec, name, where)
   if not isinstance(value, str):
     raise data.RecordError(f'{where}: field {name!r} must be a string, got {type(value).__name__}')
@@ -55,7 +56,7 @@ def _unsupervised(where, why, data_cfg, dropped):
 # long; a classification segment is (tokens, label).
 
 def _text_field(rec, where, data_cfg):
-  text = _text(rec, data_cfg.text_field, where)
+  text = string_field(rec, data_cfg.text_field, where)
   if not text:  # Checked with the fields, before training, as a bad record (data.on_error).
     raise data.RecordError(f'{where}: field {data_cfg.text_field!r} is empty')
   return text
@@ -84,8 +85,8 @@ def shown_prompt(prompt, data_cfg):
 def _pair_fields(rec, where, data_cfg):
   """(prompt shown through data.prompt_template, completion)."""
   _check_side(data_cfg)
-  return (shown_prompt(_text(rec, data_cfg.prompt_field, where), data_cfg),
-          _text(rec, data_cfg.completion_field, where))
+  return (shown_prompt(string_field(rec, data_cfg.prompt_field, where), data_cfg),
+          string_field(rec, data_cfg.completion_field, where))
 
 
 def prompt_completion_ids(rec, where, tok, data_cfg):
@@ -357,6 +358,14 @@ def model_config(cfg, tok, platform=None):
                                platform)
 
 
+def check_positions(cfg, model_cfg):
+  """data.seq_len within the model's learned positions (train, evaluate)."""
+  if cfg.data.seq_len > model_cfg.max_len:
+    raise data.DataError(
+        f'data.seq_len={cfg.data.seq_len} > the model\'s {model_cfg.max_len} positions '
+        f'(model.max_len, or model.size={cfg.model.size!r}\'s)')
+
+
 def get(name):
   if name not in OBJECTIVES:
     raise data.DataError(f'unknown objective {name!r}; known: {", ".join(OBJECTIVES)}')
@@ -366,7 +375,7 @@ def get(name):
 BASELINE_RECORDS = 20_000  # Train records tokenized for the baselines (the first ones).
 
 
-def baselines(objective, train_records, eval_records, eval_examples, tok, data_cfg, vocab_size):
+def baselines(objective, train_records, eval_records, eval_examples, tok, data_cfg):
   """What a trivial predictor scores on the eval split: the bar a trained model must clear.
 
   next_token / labeled_pair: cross-entropy of train unigram frequencies on the supervised tokens;
@@ -380,7 +389,8 @@ def baselines(objective, train_records, eval_records, eval_examples, tok, data_c
     counts = np.bincount(train_examples['label'], minlength=labels(data_cfg)[0])
     return {'majority_accuracy': float(np.mean(eval_examples['label'] == counts.argmax()))}
   supervised = lambda ex: ex['targets'][ex['loss_mask'] > 0]
-  counts = np.bincount(supervised(train_examples), minlength=vocab_size) + 1.0  # Add-one.
+  # Add-one over the tokenizer's ids (the padded vocab's extra rows can never be targets).
+  counts = np.bincount(supervised(train_examples), minlength=tok.vocab_size) + 1.0
   logp = np.log(counts / counts.sum())
   out = {'unigram_loss': float(-logp[supervised(eval_examples)].mean())}
   if objective.name == 'labeled_pair':

@@ -343,10 +343,7 @@ def run(cfg, workdir):
   built = setup(cfg, tok, objective, mesh)
   model_cfg, trainable, abstract, shardings = (built.model_cfg, built.trainable, built.abstract,
                                                built.shardings)
-  if cfg.data.seq_len > model_cfg.max_len:
-    raise config_lib.ConfigError(
-        f'data.seq_len={cfg.data.seq_len} > the model\'s {model_cfg.max_len} positions '
-        f'(model.max_len, or model.size={cfg.model.size!r}\'s)')
+  objectives.check_positions(cfg, model_cfg)
   sizes = built.param_sizes
   n_train = sum(n for k, n in sizes.items() if trainable is None or trainable(k))
   if n_train == 0:
@@ -389,7 +386,7 @@ def run(cfg, workdir):
   train_step = built.train_step
   evaluator = evaluate.Evaluator(built.graphdef, objective, examples, records, tok, cfg, mesh)
   baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
-                                       cfg.data, model_cfg.vocab_size) for s in ('val', 'test')}
+                                       cfg.data) for s in ('val', 'test')}
   metrics_log = MetricsLog(workdir, step)
   progress = Progress(step, T.steps)
   window = {'tokens': 0.0, 'time': time.time()}

@@ -144,6 +144,15 @@ def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'bare: no tokenizer files there'):
     convert.import_hf(bare, str(tmp_path / 'y'))
   convert.main(['from-hf', '--model', bare, '--out', str(tmp_path / 'y'), '--tokenizer', 'bytes'])
+  # A class name with a comma: data.label_names could not hold it.
+  commas = hf_dir(tmp_path / 'commas', num_labels=2)
+  hf_cfg = json.load(open(os.path.join(commas, 'config.json')))
+  hf_cfg['id2label'] = {'0': 'bad, really', '1': 'good'}
+  json.dump(hf_cfg, open(os.path.join(commas, 'config.json'), 'w'))
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r"commas/config.json: label 'bad, "
+                     r"really' \(id2label\) has a comma"):
+    convert.import_hf(commas, str(tmp_path / 'z'))
+  assert not os.path.exists(tmp_path / 'z')
   assert convert.export(str(tmp_path / 'y'), str(tmp_path / 'y_hf')) < 1e-4
   # A run whose LayerNorm epsilon differs from the jaxft source's is refused; set, it trains.
   with pytest.raises(checkpoint.CheckpointMismatch,
@@ -159,6 +168,7 @@ def test_an_imported_model_records_a_whole_config_and_evaluates_on_given_data(tm
   convert.import_hf(hf_dir(tmp_path / 'src'), run)
   saved = json.load(open(os.path.join(run, 'config.json')))
   assert config_lib.differences(saved, config_lib.load_file(config_lib.COMMON)) == [
+      ('data.seq_len', 64, 128),  # Within the model's positions.
       ('model.embed_dim', 32, None), ('model.max_len', 64, None), ('model.mlp_dim', 128, None),
       ('model.num_heads', 4, None), ('model.num_layers', 2, None), ('model.size', 'gpt2', 'tiny'),
       ('tokenizer', f'hf:{tmp_path / "src"}', 'bytes')]
@@ -180,6 +190,7 @@ def test_an_imported_model_records_a_whole_config_and_evaluates_on_given_data(tm
   demo = json.load(open(tmp_path / 'demo' / 'config.json'))
   assert (demo['objective'], demo['data']['source'], demo['model']['num_layers']) == (
       'labeled_pair', 'demo', 2)
+  assert demo['data']['seq_len'] == 64  # The demo's 128, cut to the model's positions.
 
 
 def test_export_replaces_an_earlier_export_and_spares_workdirs(tmp_path):
@@ -197,6 +208,11 @@ def test_export_replaces_an_earlier_export_and_spares_workdirs(tmp_path):
   with pytest.raises(FileExistsError, match=r'run is a jaxft workdir'):
     convert.export(str(tmp_path / 'run'), str(tmp_path / 'run'))
   assert snapshot(tmp_path / 'run') == before
+  # A bf16-compute run's params are float32: its export is checked in float32 like any other.
+  cfg_path = tmp_path / 'run' / 'config.json'
+  cfg_path.write_text(cfg_path.read_text().replace('"dtype": "float32"', '"dtype": "bfloat16"'))
+  assert json.loads(cfg_path.read_text())['model']['dtype'] == 'bfloat16'
+  assert convert.export(str(tmp_path / 'run'), str(out)) < 1e-4
 
 
 def test_init_from_hf_loads_onto_a_mesh_and_keeps_logits(tmp_path):

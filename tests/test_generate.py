@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from conftest import small_argv
-from jaxft import config as config_lib, convert, evaluate, generate, sharding, train
+from jaxft import config as config_lib, convert, data, evaluate, generate, sharding, train
 from test_convert import hf_dir
 
 PROMPTS = ['12+34=', '7-', 'hello there, ', '9']
@@ -97,6 +97,9 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   again = json.load(open(os.path.join(wd, 'eval', 'test_4.json')))
   assert again['metrics'] == pytest.approx(final) and 'constant_exact_match' in again['baselines']
   assert 'labeled_pair on test at step 4' in capsys.readouterr().out
+  evaluate.main(['--workdir', wd, '--split', 'train'])  # Exact match on train records too.
+  assert json.load(open(os.path.join(wd, 'eval', 'train_4.json')))['metrics'][
+      'exact_match_examples'] == 16
   with pytest.raises(FileNotFoundError, match=r'no jaxft checkpoint at .*/checkpoints/3 \(that '
                      r'directory has steps 4\)'):
     evaluate.main(['--workdir', wd, '--step', '3'])
@@ -111,6 +114,22 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   assert all(len(l['completion']) <= 5 for l in lines)  # At most one character per byte token.
   with pytest.raises(config_lib.ConfigError, match=r'\+ --max-new-tokens 61 > model max_len 64'):
     generate.main(['--workdir', wd, '--prompt', '1+1=', '--max-new-tokens', '61'])
+  with pytest.raises(config_lib.ConfigError, match=r'out of range: --temperature -1.0 \(must be '
+                     r'>= 0 \(0: greedy\)\); --top-p 0.0 \(must be in \(0, 1\]\)'):
+    generate.main(['--workdir', wd, '--prompt', '1', '--temperature=-1', '--top-p', '0'])
+  with pytest.raises(config_lib.ConfigError, match=r"--top-k 300 > the tokenizer's 258 ids"):
+    generate.main(['--workdir', wd, '--prompt', '1', '--temperature=1', '--top-k', '300'])
+  prompts.write_text('{"prompt": "1+1="}\n{"prompt": 12}\n')
+  with pytest.raises(data.DataError, match=rf"{prompts}:2: field 'prompt' must be a string, got int"):
+    generate.main(['--workdir', wd, '--prompts-file', str(prompts)])
+  # On another mesh than the run's (a run from more devices needs one): the same greedy text.
+  capsys.readouterr()
+  for mesh in ([], ['--config.mesh.tensor=2']):
+    generate.main(['--workdir', wd, '--max-new-tokens', '5', '--prompt', '2+2='] + mesh)
+  eight, two = capsys.readouterr().out.splitlines()
+  assert eight == two
+  with pytest.raises(data.DataError, match=r"data.seq_len=100 > the model's 64 positions"):
+    evaluate.main(['--workdir', wd, '--config.data.seq_len=100'])
   # A pair run's prompts go through its data.prompt_template, as in training; --raw does not.
   cfg_path = os.path.join(wd, 'config.json')
   cfg = json.load(open(cfg_path))

@@ -166,15 +166,15 @@ def test_metrics_and_baselines_by_hand():
   # each of the eval targets of 'ab' (b, EOS).
   evals = recs({'text': 'ab'})
   assert objectives.baselines(lm, recs({'text': 'aab'}), evals, lm.encode(evals, TOK, cfg), TOK,
-                              cfg, V) == {'unigram_loss': pytest.approx(-np.log(2 / (3 + V)))}
+                              cfg) == {'unigram_loss': pytest.approx(-np.log(2 / (3 + V)))}
   cls = objectives.get('classification')
   labeled = lambda *ls: recs(*[{'text': 'x', 'label': l} for l in ls])
   got = objectives.baselines(cls, labeled(2, 2, 1), labeled(2, 0, 0, 1),
-                             cls.encode(labeled(2, 0, 0, 1), TOK, cfg), TOK, cfg, V)
+                             cls.encode(labeled(2, 0, 0, 1), TOK, cfg), TOK, cfg)
   assert got == {'majority_accuracy': 0.25}
   pairs = recs(*[{'prompt': 'q', 'completion': c} for c in ('7', '7', '8')])
   lp = objectives.get('labeled_pair')
-  assert objectives.baselines(lp, pairs, pairs[1:], lp.encode(pairs[1:], TOK, cfg), TOK, cfg, V)[
+  assert objectives.baselines(lp, pairs, pairs[1:], lp.encode(pairs[1:], TOK, cfg), TOK, cfg)[
       'constant_exact_match'] == 0.5
 
 
