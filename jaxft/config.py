@@ -110,11 +110,12 @@ AT_LEAST = {1: ('train.steps', 'train.batch_size', 'train.grad_accum', 'train.lo
 
 
 def check(cfg):
-  """Refuse a value out of its range (AT_LEAST), naming the key."""
+  """Refuse a value out of its range (AT_LEAST), naming the key. (A run's config.json from an
+  older jaxft may lack a key.)"""
   values = flatten(cfg)
   for least, keys in AT_LEAST.items():
     for key in keys:
-      if values[key] < least:
+      if key in values and values[key] < least:
         raise ConfigError(f'config key {key!r} is {values[key]!r}; it must be >= {least}')
 
 
