@@ -19,14 +19,17 @@ from jaxft import model
 
 def manager(workdir, ckpt_cfg):
   """CheckpointManager for <workdir>/checkpoints: keep the newest N, plus the best val loss."""
-  policies = [pp.LatestN(n=ckpt_cfg.keep)]
+  policies, val_loss = [pp.LatestN(n=ckpt_cfg.keep)], lambda m: m['val_loss']
   if ckpt_cfg.keep_best:
     # BestN keeps the last n after sorting; reverse=True sorts descending, so it keeps the lowest.
-    policies.append(pp.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
+    policies.append(pp.BestN(get_metric_fn=val_loss, reverse=True, n=1,
                              keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=ckpt_cfg.async_save, cleanup_tmp_directories=True,
-      preservation_policy=pp.AnyPreservationPolicy(policies))
+      preservation_policy=pp.AnyPreservationPolicy(policies),
+      # Without best_fn orbax writes no metrics: a resumed run's BestN would have forgotten
+      # which checkpoint was best and deleted it.
+      best_fn=val_loss if ckpt_cfg.keep_best else None, best_mode='min')
   return ocp.CheckpointManager(absolute(workdir) / 'checkpoints', options=options)
 
 

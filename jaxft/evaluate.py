@@ -96,6 +96,11 @@ class Evaluator:
           params, self.pairs[split])
     return metrics
 
+  def loss(self, params, split, max_batches=0):
+    """The loss alone on (at most max_batches batches of) `split`."""
+    sums = self._sums(self.sums_step, params, self.examples[split], max_batches)
+    return self.objective.metrics(sums)['loss']
+
   def exact_match(self, params, pairs):
     """(fraction of greedy completions equal to the reference, EOS included; examples scored)
     for arrays from exact_match_examples."""
@@ -176,13 +181,15 @@ def main(argv):
   examples = {args.split: objective.encode(records[args.split], tok, cfg.data)}
   evaluator = Evaluator(graphdef, objective, examples, records, tok, cfg,
                         sharding.make_mesh(cfg.mesh))
-  metrics = evaluator(params, args.split)
+  # The whole split, unless --config.train.eval_batches caps it as training's evaluations do.
+  max_batches = cfg.train.eval_batches if 'train.eval_batches' in dict(overrides) else 0
+  metrics = evaluator(params, args.split, max_batches)
   baselines = objectives.baselines(objective, records['train'], records[args.split],
                                    examples[args.split], tok, cfg.data)
   split = args.split if not args.objective else f'{args.split}_as_{args.objective}'
   if overrides:  # Other data than the run's: a report of its own, not the run's overwritten.
     split += '_' + hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
-  path = write_report(args.workdir, cfg, step, split, metrics, baselines,
+  path = write_report(args.workdir, cfg, step, split, metrics, baselines, max_batches,
                       overrides=dict(overrides))
   print(f'{cfg.objective} on {args.split} at step {step}:')
   for k, v in {**metrics, **{f'baseline {k}': v for k, v in baselines.items()}}.items():

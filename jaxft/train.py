@@ -469,8 +469,9 @@ def run(cfg, workdir):
         break
     if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved.
       val, _ = run_eval('val', 0), run_eval('test', 0)
-      if mngr.latest_step() != step:
-        save({'val_loss': val['loss']})
+      if mngr.latest_step() != step:  # keep_best compares it with the capped evaluations': so.
+        save({'val_loss': evaluator.loss(state['params'], 'val', T.eval_batches)
+              if T.eval_batches else val['loss']})
       checkpoint.wait(mngr)  # summary.json only once the final checkpoint is on disk.
       dropped = sum(d for *_, d in train_iter.get_state()['slots'])  # (Gathered: all processes.)
       if jax.process_index() == 0:

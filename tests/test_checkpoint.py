@@ -17,3 +17,11 @@ def test_keeps_newest_n_plus_best_val_loss(tmp_path):
   restored = ocp.PyTreeCheckpointer().restore(str(tmp_path / 'checkpoints' / '2' / 'params'))
   np.testing.assert_array_equal(restored['w'], [2, 2, 2])
   mngr.close()
+  # A resumed run (a new manager) still knows step 2 is the best: its val loss is on disk.
+  mngr = checkpoint.manager(str(tmp_path), cfg)
+  for step in (7, 8):
+    state = {'params': {'w': np.full(3, step, np.float32)}, 'step': np.int32(step)}
+    checkpoint.save(mngr, state, {'iterator': {'next_index': step}}, {'val_loss': 9.0})
+  mngr.wait_until_finished()
+  assert sorted(ocp.utils.checkpoint_steps(str(tmp_path / 'checkpoints'))) == [2, 7, 8]
+  mngr.close()

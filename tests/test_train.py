@@ -11,7 +11,7 @@ import pytest
 
 from conftest import small_argv
 from experiments.kill_resume import read_params
-from jaxft import checkpoint, config as config_lib, train
+from jaxft import checkpoint, config as config_lib, evaluate, train
 
 
 def metrics(workdir):
@@ -39,6 +39,14 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints')) == [10]
   out = capsys.readouterr().out
   assert 'step 10 test: loss' in out and 'baselines: unigram_loss' in out
+  # keep_best's val loss is on disk (a resume compares with it) and, at the end too, is that of
+  # the capped evaluations (train.eval_batches), not the whole split's: evaluate so capped agrees.
+  stored = json.load(open(os.path.join(wd, 'checkpoints', '10', 'metrics', 'metrics')))
+  evaluate.main(['--workdir', wd, '--split', 'val', '--config.train.eval_batches=2'])
+  capped = json.load(open(glob.glob(os.path.join(wd, 'eval', 'val_*_10.json'))[0]))
+  assert capped['batches'] == 2 and stored['val_loss'] == pytest.approx(capped['metrics']['loss'])
+  whole = json.load(open(os.path.join(wd, 'eval', 'val_10.json')))['metrics']['loss']
+  assert stored['val_loss'] != whole
   train.main(small_argv(wd, train__steps=10))  # Rerun: resumes at the end, does nothing.
   assert 'already holds the final step 10' in capsys.readouterr().out
   assert len(metrics(wd)) == len(lines)
