@@ -69,11 +69,12 @@ def build(name):
   raise ConfigError(f"unknown tokenizer {name!r}; known: 'bytes', 'hf:<local dir or hub id>'")
 
 
-def _fast(tokenizer_object, pad_token=None):
+def _fast(tokenizer_object, pad_token=None, **options):
   """A transformers fast tokenizer around a `tokenizers.Tokenizer`, GPT-2 special tokens."""
   from transformers import PreTrainedTokenizerFast
   return PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, eos_token=EOS_TOKEN,
-                                 bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=pad_token)
+                                 bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=pad_token,
+                                 **options)
 
 
 def byte_tokenizer_as_hf():
@@ -87,7 +88,8 @@ def byte_tokenizer_as_hf():
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
   tok.decoder = decoders.ByteLevel()
   tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
-  return _fast(tok, pad_token=PAD_TOKEN)
+  # Text is bytes, whatever it spells: a literal '<|endoftext|>' in it is 13 byte ids, not EOS.
+  return _fast(tok, pad_token=PAD_TOKEN, split_special_tokens=True)
 
 
 def as_hf(tok):

@@ -77,6 +77,7 @@ def test_byte_tokenizer_as_hf_encodes_identically(tmp_path):
   ours = tokenizer.ByteTokenizer()
   rng = np.random.default_rng(0)
   texts = ['23+58=81', ' two  spaces\n\ttab', 'héllo wörld ✓ 日本語 🙂', '']
+  texts += ['quoting <|endoftext|> and <|pad|> as text']  # Bytes, not the special ids.
   texts += [''.join(chr(c) for c in rng.integers(32, 0x3000, 40)) for _ in range(20)]
   for t in texts:
     assert hf(t, add_special_tokens=False)['input_ids'] == ours.encode(t), t

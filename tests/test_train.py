@@ -20,7 +20,8 @@ def metrics(workdir):
 
 def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys):
   wd = str(tmp_path / 'run')
-  train.main(small_argv(wd, train__steps=10, checkpoint__every=5, checkpoint__keep=1))
+  train.main(small_argv(wd, train__steps=10, checkpoint__every=5, checkpoint__keep=1,
+                        train__eval_batches=1))
   lines = metrics(wd)
   trains = [l for l in lines if l['split'] == 'train']
   assert [l['step'] for l in trains] == list(range(1, 11))
@@ -41,10 +42,11 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert 'step 10 test: loss' in out and 'baselines: unigram_loss' in out
   # keep_best's val loss is on disk (a resume compares with it) and, at the end too, is that of
   # the capped evaluations (train.eval_batches), not the whole split's: evaluate so capped agrees.
+  assert json.load(open(os.path.join(wd, 'eval', 'val_10.json')))['batches'] == 'all'
   stored = json.load(open(os.path.join(wd, 'checkpoints', '10', 'metrics', 'metrics')))
-  evaluate.main(['--workdir', wd, '--split', 'val', '--config.train.eval_batches=2'])
+  evaluate.main(['--workdir', wd, '--split', 'val', '--config.train.eval_batches=1'])
   capped = json.load(open(glob.glob(os.path.join(wd, 'eval', 'val_*_10.json'))[0]))
-  assert capped['batches'] == 2 and stored['val_loss'] == pytest.approx(capped['metrics']['loss'])
+  assert capped['batches'] == 1 and stored['val_loss'] == pytest.approx(capped['metrics']['loss'])
   whole = json.load(open(os.path.join(wd, 'eval', 'val_10.json')))['metrics']['loss']
   assert stored['val_loss'] != whole
   train.main(small_argv(wd, train__steps=10))  # Rerun: resumes at the end, does nothing.
@@ -58,8 +60,8 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   train.main(small_argv(wd, train__steps=12, train__eval_every=6))
   out = capsys.readouterr().out
   assert (f'resumed from {wd}/checkpoints/10; checkpoint.every 5 -> 100; checkpoint.keep 1 -> 3; '
-          f'train.eval_every 5 -> 6; train.steps 10 -> 12; the lr schedule now ends at the new '
-          f'train.steps') in out
+          f'train.eval_batches 1 -> 2; train.eval_every 5 -> 6; train.steps 10 -> 12; the lr '
+          f'schedule now ends at the new train.steps') in out
   assert [l['step'] for l in metrics(wd) if l['split'] == 'train'][-3:] == [10, 11, 12]
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 12
 
