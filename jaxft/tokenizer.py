@@ -61,6 +61,17 @@ class HFTokenizer:
     return self.hf.decode(ids, skip_special_tokens=True)
 
 
+# Text that two different tokenizers (of whatever vocab size) all but surely encode differently.
+PROBE = ('The quick brown fox jumps over the lazy dog; 0123456789 +-*/= (x**2) café ü 日本 🙂\n'
+         '\tdef f(self): return [1, 2] # The end of a sentence. And another one, then a question?')
+
+
+def same_encoding(a, b):
+  """Whether tokenizers `a` and `b` give the same ids (text and EOS): embeddings trained with one
+  mean the same tokens under the other."""
+  return a.spec == b.spec or (a.encode(PROBE), a.eos_id) == (b.encode(PROBE), b.eos_id)
+
+
 def build(name):
   if name == 'bytes':
     return ByteTokenizer()

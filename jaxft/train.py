@@ -6,6 +6,7 @@ Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 import ctypes
 import json
+import os
 import platform
 import re
 import signal
@@ -262,23 +263,34 @@ def placeholder_free(names):
   return list(names)
 
 
-def check_source(source, model_cfg, label_names):
+def check_source(source, model_cfg, label_names, tok):
   """Refuse an init_from source that differs from the run where the shapes do not show it: the
-  LayerNorm epsilon (of a jaxft source; convert.check_config compares an HF one's) and, where
+  tokenizer (two of one padded vocab size would load each other's embeddings as other tokens),
+  the LayerNorm epsilon (of a jaxft source; convert.check_config compares an HF one's) and, where
   both name them, the classes its head was trained for, which would otherwise load as the wrong
   labels without a word."""
   if source.startswith('hf:'):
     from jaxft import convert  # Needs the `hf` extra (safetensors).
-    theirs, eps = convert.read_hf_config(convert.local_dir(source[3:]))[1], model_cfg.ln_eps
+    hf_dir = convert.local_dir(source[3:])
+    theirs, eps = convert.read_hf_config(hf_dir)[1], model_cfg.ln_eps
+    their_tok = f'hf:{hf_dir}' if any(os.path.isfile(os.path.join(hf_dir, f))
+                                      for f in tokenizer_lib.TOKENIZER_FILES) else None
   else:
     try:
       src = checkpoint.run_config(source)[0]
     except FileNotFoundError:  # A checkpoint without its run's config.json: nothing to compare.
       return
     theirs = objectives.labels(src.data)[1] if src.objective == 'classification' else None
-    eps = src.model.get('ln_eps', model_lib.GPTConfig.ln_eps)
+    eps, their_tok = src.model.get('ln_eps', model_lib.GPTConfig.ln_eps), src.tokenizer
   problems = [] if eps == model_cfg.ln_eps else [
       f'model.ln_eps: run {model_cfg.ln_eps} vs source {eps}']
+  try:  # (A source's tokenizer that is gone, e.g. a moved directory, cannot be compared.)
+    other = tokenizer_lib.build(their_tok) if their_tok else None
+  except (FileNotFoundError, OSError, config_lib.ConfigError):
+    other = None
+  if other and not tokenizer_lib.same_encoding(tok, other):
+    problems.append(f'tokenizer: run {tok.spec} vs source {other.spec}, which encode text '
+                    f'differently (the embeddings would stand for other tokens)')
   ours, theirs = placeholder_free(label_names), placeholder_free(theirs)
   if ours and theirs and ours != theirs:
     problems.append(f'data.label_names: run {ours} vs source head {theirs} (give the same names '
@@ -288,11 +300,12 @@ def check_source(source, model_cfg, label_names):
                                         + '; '.join(problems))
 
 
-def init_params(source, model_cfg, params, shardings, workdir, label_names=None):
+def init_params(source, model_cfg, params, shardings, workdir, tok, label_names=None):
   """Params from `source` (a jaxft workdir / step dir, or hf:<dir or hub id>) for fine-tuning:
   shared params loaded, a head the source lacks fresh from `params`. Logs what was loaded and
-  lists it in <workdir>/init_from.json. `label_names`: the run's classes (see check_source)."""
-  check_source(source, model_cfg, label_names)
+  lists it in <workdir>/init_from.json. `tok` and `label_names`: the run's tokenizer and classes
+  (see check_source)."""
+  check_source(source, model_cfg, label_names, tok)
   new_ok = lambda path: path == model_lib.HEAD
   if source.startswith('hf:'):
     from jaxft import convert  # Needs the `hf` extra (safetensors).
@@ -372,7 +385,7 @@ def run(cfg, workdir):
       label_names = (objectives.labels(cfg.data)[1] if cfg.objective == 'classification'
                      else None)
       state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
-                                    workdir, label_names)
+                                    workdir, tok, label_names)
   step = int(state['step'])
   if step >= T.steps:
     log(f'{workdir} already holds the final step {step}; nothing to do')

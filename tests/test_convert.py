@@ -3,6 +3,7 @@ pipelines on exported runs, tokenizers, and the errors for what does not fit. No
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -297,3 +298,19 @@ def test_tokenizer_train_cli_makes_a_usable_hf_tokenizer(tmp_path):
   ids = tok.encode('the cat 12 sat on the mat 3')
   assert len(ids) < len('the cat 12 sat on the mat 3') and tok.decode(ids) == 'the cat 12 sat on the mat 3'
   assert tok.decode(tok.encode('ünïcode ✓')) == 'ünïcode ✓'  # Byte-level: nothing is unknown.
+  # Another tokenizer of the same padded vocab (both 384): init_from would load its embeddings
+  # as other tokens, so it is refused; the same tokenizer elsewhere loads.
+  other = tmp_path / 'o.jsonl'
+  other.write_text(''.join(json.dumps({'body': f'una gata {i} duerme {i % 7}'}) + '\n'
+                           for i in range(300)))
+  tokenizer.main(['train', '--input', str(other), '--field', 'body', '--vocab-size', '290',
+                  '--out', str(tmp_path / 'tok2')])
+  shutil.copytree(tmp_path / 'tok', tmp_path / 'tok_copy')
+  pre = str(tmp_path / 'pre')
+  train.main(small_argv(pre, tokenizer=f'hf:{tmp_path / "tok"}', train__steps=1))
+  with pytest.raises(checkpoint.CheckpointMismatch, match=rf'tokenizer: run hf:{tmp_path}/tok2 vs '
+                     rf'source hf:{tmp_path}/tok, which encode text differently'):
+    train.main(small_argv(str(tmp_path / 'a'), tokenizer=f'hf:{tmp_path / "tok2"}',
+                          train__steps=1, train__init_from=pre))
+  train.main(small_argv(str(tmp_path / 'b'), tokenizer=f'hf:{tmp_path / "tok_copy"}',
+                        train__steps=1, train__init_from=pre))
