@@ -38,6 +38,9 @@ EOF
 name= zone= accelerator=v4-8 version=tpu-ubuntu2204-base project= spot= queued= ship=git
 repo= ref= skip_create= delete= dry_run=
 while [[ $# -gt 0 ]]; do
+  case "$1" in --name|--zone|--accelerator|--version|--project|--ship|--repo|--ref)
+    [[ $# -ge 2 ]] || { echo "launch_tpu.sh: $1 needs a value (see --help)" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --name) name=$2; shift 2 ;;
     --zone) zone=$2; shift 2 ;;
@@ -96,13 +99,16 @@ if [[ -z $skip_create ]]; then
   fi
 fi
 
+# The code is shipped afresh each time; runs/ (the default workdirs) lives beside it in ~/runs,
+# so a rerun with --skip-create finds its checkpoints and resumes.
+keep_runs='mkdir -p runs && ln -sfn ../runs jaxft/runs'
 if [[ $ship == git ]]; then
-  on_workers "rm -rf jaxft && git clone -q $(printf %q "$repo") jaxft && git -C jaxft checkout -q $(printf %q "$ref")"
+  on_workers "rm -rf jaxft && git clone -q $(printf %q "$repo") jaxft && git -C jaxft checkout -q $(printf %q "$ref") && $keep_runs"
 else
   archive=$(mktemp -d)/jaxft.tar.gz
   git -C "$here" archive --format=tar.gz -o "$archive" "$ref"
   gcloud_ compute tpus tpu-vm scp "$archive" "$name:jaxft.tar.gz" "${common[@]}" --worker=all
-  on_workers 'rm -rf jaxft && mkdir jaxft && tar -xzf jaxft.tar.gz -C jaxft'
+  on_workers "rm -rf jaxft && mkdir jaxft && tar -xzf jaxft.tar.gz -C jaxft && $keep_runs"
 fi
 on_workers "cd jaxft && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
 status=0

@@ -432,6 +432,10 @@ def bench_decode(cfg, batch, prompt_len, new):
   mesh = sharding.make_mesh(cfg.mesh)
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
+  if prompt_len < 1 or new < 1 or batch < 1 or prompt_len + new > model_cfg.max_len:
+    raise config_lib.ConfigError(
+        f'--decode needs --batch, --prompt-len and --new >= 1 and --prompt-len + --new <= the '
+        f"model's {model_cfg.max_len} positions; got {batch}, {prompt_len}, {new}")
   with sharding.activate(mesh):
     model = model_lib.GPT(model_cfg, nnx.Rngs(0))
   graphdef, params = nnx.split(model)
@@ -469,6 +473,8 @@ def main(argv):
       opts[name] = int(value)
     else:
       rest.append(a)
+  if opts['steps'] < 1:
+    raise config_lib.ConfigError('--steps: at least 1 step is timed')
   cfg, _ = config_lib.parse_args(rest, usage=__doc__.split('\n\n')[1].strip())
   if opts['target']:
     # This process compiles for the target and runs nothing: its own backend stays the CPU,

@@ -103,19 +103,21 @@ def override(cfg, key, text):
 # Counts the trainer divides by or loops over: at least this much.
 AT_LEAST = {1: ('train.steps', 'train.batch_size', 'train.grad_accum', 'train.log_every',
                 'train.eval_every', 'checkpoint.every', 'checkpoint.keep', 'data.seq_len',
-                'model.vocab_multiple', 'data.demo.num_examples'),
+                'model.vocab_multiple', 'data.demo.num_examples', 'model.num_layers',
+                'model.num_heads', 'model.embed_dim', 'model.mlp_dim', 'model.max_len',
+                'model.vocab_size', 'model.attention_block'),
             0: ('train.eval_batches', 'train.exact_match_examples', 'optim.lr',
                 'optim.warmup_steps', 'optim.skip_nonfinite', 'optim.clip_norm',
-                'optim.weight_decay', 'data.num_labels', 'model.dropout')}
+                'optim.weight_decay', 'data.num_labels', 'model.dropout', 'model.loss_chunk')}
 
 
 def check(cfg):
   """Refuse a value out of its range (AT_LEAST), naming the key. (A run's config.json from an
-  older jaxft may lack a key.)"""
+  older jaxft may lack a key; None is a placeholder's 'unset'.)"""
   values = flatten(cfg)
   for least, keys in AT_LEAST.items():
     for key in keys:
-      if key in values and values[key] < least:
+      if values.get(key) is not None and values[key] < least:
         raise ConfigError(f'config key {key!r} is {values[key]!r}; it must be >= {least}')
 
 

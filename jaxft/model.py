@@ -15,6 +15,7 @@ from jaxft.config import ConfigError
 
 ATTENTION = ('auto', 'einsum', 'causal_blocks', 'dot_product')
 LOGSUMEXP = ('auto', 'two_pass', 'one_pass')
+DTYPES = ('float32', 'bfloat16', 'float16')  # model.dtype: the compute dtype.
 HEAD = 'score'  # The classification head: the one param only some objectives have.
 
 # Named sizes: (num_layers, num_heads, embed_dim, max_len). Vocab comes from the tokenizer.
@@ -76,6 +77,10 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
     raise ConfigError(f'model.vocab_size={vocab} < tokenizer vocab {tokenizer_vocab_size}')
   # A config saved before a switch existed (an older run's config.json) gets its default.
   switch = lambda name: model_cfg.get(name, GPTConfig.__dataclass_fields__[name].default)
+  if model_cfg.dtype not in DTYPES:
+    raise ConfigError(f'unknown model.dtype {model_cfg.dtype!r}; known: {", ".join(DTYPES)}')
+  if not 0 <= model_cfg.dropout < 1:
+    raise ConfigError(f'model.dropout={model_cfg.dropout} must be in [0, 1)')
   attention = switch('attention')
   # cuDNN's flash kernel: on GPU in bf16/fp16; jax.nn.dot_product_attention falls back to XLA's.
   flash = platform == 'gpu' and model_cfg.dtype != 'float32'

@@ -39,6 +39,8 @@ def make_mesh(mesh_cfg, devices=None):
   """Mesh of shape (data, fsdp, tensor) from config; one -1 entry takes the remaining devices."""
   devices = jax.devices() if devices is None else devices
   shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  if any(s < 1 and s != -1 for s in shape):
+    raise ConfigError(f'mesh.data/fsdp/tensor are device counts (or -1: the rest), got {shape}')
   if shape.count(-1) > 1:
     raise ConfigError(f'at most one of mesh.data/fsdp/tensor may be -1, got {shape}')
   known = math.prod(s for s in shape if s != -1)

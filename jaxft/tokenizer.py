@@ -137,6 +137,8 @@ def main(argv):
   t.add_argument('--vocab-size', type=int, required=True)
   t.add_argument('--out', required=True, help='directory for the HF tokenizer files')
   args = parser.parse_args(argv)
+  if args.vocab_size <= 257:  # The 256 bytes and EOS come first; merges only above them.
+    raise ConfigError(f'--vocab-size {args.vocab_size}: must be above 257 (256 bytes + EOS)')
   n, vocab = train_bpe(args.input, args.vocab_size, args.out, args.field)
   print(f'trained a {vocab}-token byte-level BPE on {n} records -> {os.path.abspath(args.out)} '
         f"(use tokenizer='hf:{args.out}')")

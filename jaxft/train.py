@@ -321,11 +321,22 @@ def init_params(source, model_cfg, params, shardings, workdir, tok, label_names=
   return params
 
 
+def check_batch(cfg, mesh):
+  """train.batch_size in whole micro-batches (train.grad_accum) over the batch's devices."""
+  shards, T = mesh.shape['data'] * mesh.shape['fsdp'], cfg.train
+  if T.batch_size % (T.grad_accum * shards):
+    raise config_lib.ConfigError(
+        f'train.batch_size={T.batch_size} must divide into train.grad_accum={T.grad_accum} '
+        f'micro-batches over mesh.data x mesh.fsdp = {shards} devices')
+
+
 def setup(cfg, tok, objective, mesh):
   """What a run trains, built from the config without allocating anything (run() and
   jaxft.bench): model_cfg, trainable, tx, lr_schedule, graphdef, abstract (state), shardings,
   init_fn, train_step and param_sizes ({path: size})."""
+  check_batch(cfg, mesh)
   model_cfg = objectives.model_config(cfg, tok, mesh.devices.flat[0].platform)
+  objectives.check_positions(cfg, model_cfg)
   trainable = trainable_fn(cfg, objective)
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, trainable)
   graphdef, abstract, shardings, init_fn = build_state(cfg, model_cfg, tx, mesh)
@@ -345,18 +356,13 @@ def run(cfg, workdir):
   log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, '
       f'{jax.process_count()} process(es)')
   T = cfg.train
-  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if T.batch_size % (T.grad_accum * batch_shards):
-    raise config_lib.ConfigError(
-        f'train.batch_size={T.batch_size} must divide into train.grad_accum={T.grad_accum} '
-        f'micro-batches over mesh.data x mesh.fsdp = {batch_shards} devices')
+  check_batch(cfg, mesh)  # Before the data is read: fail fast.
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   records, examples = prepare_splits(cfg, objective, tok, workdir)
   built = setup(cfg, tok, objective, mesh)
   model_cfg, trainable, abstract, shardings = (built.model_cfg, built.trainable, built.abstract,
                                                built.shardings)
-  objectives.check_positions(cfg, model_cfg)
   sizes = built.param_sizes
   n_train = sum(n for k, n in sizes.items() if trainable is None or trainable(k))
   if n_train == 0:

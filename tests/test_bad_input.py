@@ -73,6 +73,15 @@ CASES = {
     'mesh larger than the devices': (
         {'mesh__data': 3}, False, r"mesh \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices, "
         r'have 8'),
+    'mesh size of zero': (
+        {'mesh__fsdp': 0}, False, r'mesh\.data/fsdp/tensor are device counts \(or -1: the rest\), '
+        r'got \[-1, 0, 1\]'),
+    'model size below its range': (
+        {'model__attention_block': 0}, False,
+        r"config key 'model\.attention_block' is 0; it must be >= 1"),
+    'unknown compute dtype': (
+        {'model__dtype': 'bf16'}, False,
+        r"unknown model\.dtype 'bf16'; known: float32, bfloat16, float16"),
     'seq_len above the model positions': (
         {'data__seq_len': 100}, False, r"data\.seq_len=100 > the model's 64 positions \(model\.max_len, or "
         r"model\.size='tiny''s\)"),

@@ -27,6 +27,15 @@ def test_overrides_are_typed_and_nested(root):
 
 def test_bench_flags_take_both_forms_and_name_a_bad_number():
   from jaxft import bench
+  with pytest.raises(config_lib.ConfigError, match=r'--steps: at least 1 step is timed'):
+    bench.main(['--config=configs/demo.py', '--steps', '0'])
+  with pytest.raises(config_lib.ConfigError, match=r"--prompt-len \+ --new <= the model's 64 "
+                     r'positions; got 1, 40, 40'):
+    bench.main(['--config=configs/demo.py', '--decode', '--prompt-len=40', '--new=40',
+                '--config.model.max_len=64', '--config.reuse_host_memory=False'])
+  with pytest.raises(config_lib.ConfigError, match=r'train\.batch_size=12 must divide'):
+    bench.main(['--config=configs/demo.py', '--steps=1', '--config.train.batch_size=12',
+                '--config.reuse_host_memory=False'])
   with pytest.raises(config_lib.ConfigError, match=r"--steps: expected a whole number, got 'five'"):
     bench.main(['--config=configs/demo.py', '--steps', 'five'])
   with pytest.raises(config_lib.ConfigError, match=r"--warmup: expected a whole number, got ''"):

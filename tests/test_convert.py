@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from conftest import small_argv, small_config, snapshot
 from jaxft import checkpoint, convert, evaluate, model as model_lib, objectives, sharding, \
     tokenizer, train
+from jaxft.config import ConfigError
 
 TINY = dict(vocab_size=258, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=256,
             eos_token_id=256, pad_token_id=257)
@@ -305,6 +306,8 @@ def test_tokenizer_train_cli_makes_a_usable_hf_tokenizer(tmp_path):
                            for i in range(300)))
   tokenizer.main(['train', '--input', str(other), '--field', 'body', '--vocab-size', '290',
                   '--out', str(tmp_path / 'tok2')])
+  with pytest.raises(ConfigError, match=r'--vocab-size 100: must be above 257'):
+    tokenizer.main(['train', '--input', str(other), '--vocab-size', '100', '--out', 'x'])
   shutil.copytree(tmp_path / 'tok', tmp_path / 'tok_copy')
   pre = str(tmp_path / 'pre')
   train.main(small_argv(pre, tokenizer=f'hf:{tmp_path / "tok"}', train__steps=1))

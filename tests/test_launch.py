@@ -50,7 +50,7 @@ def test_single_host_v4_8(fake_gcloud):
   assert [c[:7] for c in calls[1:4]] == [ssh] * 3
   clone, install, train = (remote(c) for c in calls[1:4])
   assert clone == (f'rm -rf jaxft && git clone -q https://example.com/jaxft.git jaxft && '
-                   f'git -C jaxft checkout -q {head}')
+                   f'git -C jaxft checkout -q {head} && mkdir -p runs && ln -sfn ../runs jaxft/runs')
   assert install.endswith("pip install -q -e '.[tpu]'")
   # The same train command on every worker, its arguments intact through the remote shell.
   cmd = shlex.split(train.split('&& ', 2)[2])
@@ -73,7 +73,9 @@ def test_multi_host_v4_32_queued_spot_scp(fake_gcloud):
       'pod:jaxft.tar.gz', *common, '--worker=all']
   assert all(c[:5] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'pod'] and '--worker=all' in c
              for c in calls[3:])
-  assert 'tar -xzf jaxft.tar.gz' in remote(calls[3])
+  # The runs (default workdirs) outlive the re-shipped code: a --skip-create rerun resumes.
+  assert remote(calls[3]).endswith('tar -xzf jaxft.tar.gz -C jaxft && mkdir -p runs && '
+                                   'ln -sfn ../runs jaxft/runs')
   assert 'jaxft.train --config.distributed.enabled=True' in remote(calls[5]) and len(calls) == 6
 
 
@@ -96,3 +98,5 @@ def test_help_documents_every_option_and_bad_use_is_named(fake_gcloud):
   assert run.returncode == 2 and 'unknown option --acclerator' in run.stderr and calls == []
   run, calls = fake_gcloud('--name', 'x', '--', *TRAIN)
   assert run.returncode == 2 and '--name and --zone are required' in run.stderr and calls == []
+  run, calls = fake_gcloud('--zone', 'z', '--name')
+  assert run.returncode == 2 and 'launch_tpu.sh: --name needs a value' in run.stderr and calls == []

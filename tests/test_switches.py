@@ -287,7 +287,9 @@ def test_grad_barrier_adds_no_communication():
      r"model\.attention='dot_product' has no dropout.*model\.dropout=0", ()),
     (dict(model__logsumexp='online'), r"unknown model\.logsumexp 'online'; known: ",
      model_lib.LOGSUMEXP),
-], ids=['attention', 'remat', 'dot_product+dropout', 'logsumexp'])
+    (dict(model__dtype='fp16'), r"unknown model\.dtype 'fp16'; known: ", model_lib.DTYPES),
+    (dict(model__dropout=1.0), r'model\.dropout=1\.0 must be in \[0, 1\)', ()),
+], ids=['attention', 'remat', 'dot_product+dropout', 'logsumexp', 'dtype', 'dropout'])
 def test_bad_switch_values_are_named(overrides, message, known):
   """A bad switch value fails when the model config is built, naming the key and the choices."""
   with pytest.raises(ConfigError, match=message) as error:
