@@ -6,7 +6,6 @@ Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 import ctypes
 import json
-import os
 import platform
 import re
 import signal
@@ -120,7 +119,8 @@ class MetricsLog:
     if self.path.exists():
       lines = [l for l in self.path.read_text().splitlines() if l.strip()]
       try:
-        json.loads(lines[-1] if lines else '{}')
+        if lines:
+          json.loads(lines[-1])
       except json.JSONDecodeError:  # Cut short by a kill or a full disk: dropped.
         log(f'{self.path}: dropping its unfinished last line {lines.pop()[:80]!r}')
       self.lines = [l + '\n' for l in lines if json.loads(l)['step'] <= resume_step]
@@ -273,8 +273,7 @@ def check_source(source, model_cfg, label_names, tok):
     from jaxft import convert  # Needs the `hf` extra (safetensors).
     hf_dir = convert.local_dir(source[3:])
     theirs, eps = convert.read_hf_config(hf_dir)[1], model_cfg.ln_eps
-    their_tok = f'hf:{hf_dir}' if any(os.path.isfile(os.path.join(hf_dir, f))
-                                      for f in tokenizer_lib.TOKENIZER_FILES) else None
+    their_tok = f'hf:{hf_dir}'  # (A dir without tokenizer files: FileNotFoundError below.)
   else:
     try:
       src = checkpoint.run_config(source)[0]
@@ -285,7 +284,7 @@ def check_source(source, model_cfg, label_names, tok):
   problems = [] if eps == model_cfg.ln_eps else [
       f'model.ln_eps: run {model_cfg.ln_eps} vs source {eps}']
   try:  # (A source's tokenizer that is gone, e.g. a moved directory, cannot be compared.)
-    other = tokenizer_lib.build(their_tok) if their_tok else None
+    other = tokenizer_lib.build(their_tok)
   except (FileNotFoundError, OSError, config_lib.ConfigError):
     other = None
   if other and not tokenizer_lib.same_encoding(tok, other):
