@@ -85,7 +85,8 @@ def hf_config(cfg, tok, label_names=None):
   extra = {}
   if cfg.num_labels:
     extra = dict(num_labels=cfg.num_labels, id2label=dict(enumerate(label_names)),
-                 label2id={n: i for i, n in enumerate(label_names)})
+                 label2id={n: i for i, n in enumerate(label_names)},
+                 problem_type='single_label_classification')
   return GPT2Config(
       vocab_size=cfg.tokenizer_vocab or cfg.vocab_size, n_positions=cfg.max_len,
       n_embd=cfg.embed_dim, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
@@ -96,29 +97,57 @@ def hf_config(cfg, tok, label_names=None):
 
 
 def read_hf_config(hf_dir):
-  """(config dict, label names or None), failing on GPT-2 variants jaxft does not implement."""
+  """(config dict, label names or None), failing on GPT-2 variants jaxft does not implement. The
+  dict is transformers' GPT2Config of config.json: HF's own names (n_embd for hidden_size...) and
+  defaults for what the file leaves out."""
+  from transformers import GPT2Config
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{hf_dir}: no config.json (not a Hugging Face model directory)')
-  c = json.load(open(path))
-  required = {'model_type': 'gpt2', 'scale_attn_weights': True,
-              'scale_attn_by_inverse_layer_idx': False, 'add_cross_attention': False,
-              'tie_word_embeddings': True}
-  problems = [f'{k}={c.get(k, v)!r} (jaxft supports {v!r})' for k, v in required.items()
-              if c.get(k, v) != v]
-  if c.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
+  raw = json.load(open(path))
+  if raw.get('model_type') != 'gpt2':
+    raise checkpoint.CheckpointMismatch(f'{path}: unsupported config: model_type='
+                                        f'{raw.get("model_type")!r} (jaxft supports \'gpt2\')')
+  c = GPT2Config.from_dict(raw).to_dict()
+  required = {'scale_attn_weights': True, 'scale_attn_by_inverse_layer_idx': False,
+              'add_cross_attention': False, 'tie_word_embeddings': True}
+  problems = [f'{k}={c[k]!r} (jaxft supports {v!r})' for k, v in required.items() if c[k] != v]
+  if c['activation_function'] not in ('gelu_new', 'gelu_pytorch_tanh'):
     problems.append(f'activation_function={c["activation_function"]!r} (jaxft: tanh GELU)')
-  arch = (c.get('architectures') or [LM])[0]
-  if arch not in (LM, CLASSIFIER, 'GPT2Model'):
+  # Without `architectures` HF's Auto classes build either head: the weights say which it has.
+  arch = (c.get('architectures') or
+          [CLASSIFIER if 'score.weight' in tensor_index(hf_dir) else LM])[0]
+  labels = None
+  if arch == CLASSIFIER:
+    id2label = c.get('id2label') or {}
+    n = c.get('num_labels') or len(id2label) or 2
+    labels = [id2label.get(i, id2label.get(str(i), f'LABEL_{i}')) for i in range(n)]
+    if n < 2:
+      problems.append(f'num_labels={n} (a regression head; jaxft classifies into 2 or more labels)')
+    if c.get('problem_type') not in (None, 'single_label_classification'):
+      problems.append(f'problem_type={c["problem_type"]!r} (jaxft: single_label_classification, '
+                      f'a softmax over the labels)')
+  elif arch not in (LM, 'GPT2Model'):
     problems.append(f'architectures={c.get("architectures")} (jaxft: {LM}, {CLASSIFIER})')
   if problems:
     raise checkpoint.CheckpointMismatch(f'{path}: unsupported config: ' + '; '.join(problems))
-  labels = None
-  if arch == CLASSIFIER:
-    n = c.get('num_labels') or len(c.get('id2label', {})) or 2
-    id2label = c.get('id2label') or {}
-    labels = [id2label.get(str(i), id2label.get(i, f'LABEL_{i}')) for i in range(n)]
   return c, labels
+
+
+def token_id_problems(c, labels, tok):
+  """Where an HF config's special token ids disagree with the tokenizer jaxft runs it with: the
+  end of text (which jaxft appends to documents and stops generating at) and a classifier's pad
+  id (HF's head pools at the last token that is not pad_token_id; jaxft's at the last before
+  the tokenizer's padding). An id outside the vocab (GPT2Config's default 50256 in a small
+  model) stands for nothing and is not compared."""
+  problems = []
+  eos, pad = c.get('eos_token_id'), c.get('pad_token_id')
+  if isinstance(eos, int) and 0 <= eos < c['vocab_size'] and eos != tok.eos_id:
+    problems.append(f'eos_token_id={eos} but tokenizer {tok.spec} ends text with {tok.eos_id}')
+  if labels and pad is not None and pad != tok.pad_id:
+    problems.append(f'pad_token_id={pad} but tokenizer {tok.spec} pads with {tok.pad_id} (the '
+                    f'classifier would read another token)')
+  return problems
 
 
 def gpt_config_fields(c, labels):
@@ -255,11 +284,17 @@ def import_hf(name, out, tokenizer=None, config=None):
     raise checkpoint.CheckpointMismatch(
         f'{hf_dir}/config.json: vocab_size={c["vocab_size"]} but tokenizer {spec} has '
         f'{tok.vocab_size} ids; jaxft takes its vocab from the tokenizer (give --tokenizer)')
+  problems = token_id_problems(c, labels, tok)
+  if problems:
+    raise checkpoint.CheckpointMismatch(f'{hf_dir}/config.json: ' + '; '.join(problems))
   if labels or cfg.objective == 'classification':  # The head decides; an LM keeps its objective.
     cfg.objective = 'classification' if labels else 'next_token'
   cfg.tokenizer = spec
-  cfg.model.update({'size': 'gpt2', 'vocab_size': None, **{k: fields[k] for k in (
-      'num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len', 'ln_eps')}})
+  # jaxft's one dropout rate stands for HF's three (GPT-2's checkpoints give them one value;
+  # resid_pdrop's is taken), recorded for what to-hf writes back; an init_from run keeps its own.
+  cfg.model.update({'size': 'gpt2', 'vocab_size': None, 'dropout': c['resid_pdrop'], **{
+      k: fields[k] for k in ('num_layers', 'num_heads', 'embed_dim', 'mlp_dim', 'max_len',
+                             'ln_eps')}})
   if any(',' in name for name in labels or []):  # data.label_names is comma-separated.
     raise checkpoint.CheckpointMismatch(
         f'{hf_dir}/config.json: label {next(n for n in labels if "," in n)!r} (id2label) has a '
@@ -354,6 +389,7 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
   hf_tok = tokenizer_lib.as_hf(tok)
   if hf_tok.pad_token is None:
     hf_tok.pad_token = hf_tok.convert_ids_to_tokens(tok.pad_id)
+  hf_tok.model_max_length = model_cfg.max_len  # Pipelines truncate to the positions there are.
   hf_tok.save_pretrained(out)
   return verify_export(out, params_dir, model_cfg, tok) if verify else None
 

@@ -183,12 +183,17 @@ def _class_fields(rec, where, data_cfg):
 
 
 def _class_segments(fields, where, tok, data_cfg, dropped):
-  """The text (truncated on data.truncation_side to seq_len) and its label."""
+  """The text (truncated on data.truncation_side to seq_len) and its label. Trailing pad ids
+  (a tokenizer whose pad is its end of text, and text ending in that token) are left out: HF's
+  classifier reads the last token that is not the pad id, and so does an exported jaxft one."""
   text, label = fields
   ids, T = tok.encode(text), data_cfg.seq_len
+  ids = ids[-T:] if data_cfg.truncation_side == 'left' else ids[:T]
+  while ids and ids[-1] == tok.pad_id:
+    ids.pop()
   if not ids:
-    raise data.RecordError(f'{where}: field {data_cfg.text_field!r} has no tokens')
-  return [(ids[-T:] if data_cfg.truncation_side == 'left' else ids[:T], label)]
+    raise data.RecordError(f'{where}: field {data_cfg.text_field!r} has no tokens (but padding)')
+  return [(ids, label)]
 
 
 def _class_arrays(rows, seq_len, pad_id):

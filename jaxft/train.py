@@ -266,14 +266,15 @@ def placeholder_free(names):
 def check_source(source, model_cfg, label_names, tok):
   """Refuse an init_from source that differs from the run where the shapes do not show it: the
   tokenizer (two of one padded vocab size would load each other's embeddings as other tokens),
-  the LayerNorm epsilon (of a jaxft source; convert.check_config compares an HF one's) and, where
-  both name them, the classes its head was trained for, which would otherwise load as the wrong
-  labels without a word."""
+  the LayerNorm epsilon (of a jaxft source; convert.check_config compares an HF one's), an HF
+  source's end-of-text and classifier pad ids, and, where both name them, the classes its head
+  was trained for, which would otherwise load as the wrong labels without a word."""
   if source.startswith('hf:'):
     from jaxft import convert  # Needs the `hf` extra (safetensors).
     hf_dir = convert.local_dir(source[3:])
-    theirs, eps = convert.read_hf_config(hf_dir)[1], model_cfg.ln_eps
-    their_tok = f'hf:{hf_dir}'  # (A dir without tokenizer files: FileNotFoundError below.)
+    c, theirs = convert.read_hf_config(hf_dir)
+    eps, their_tok = model_cfg.ln_eps, f'hf:{hf_dir}'  # (No tokenizer files: FileNotFoundError.)
+    problems = convert.token_id_problems(c, theirs, tok)
   else:
     try:
       src = checkpoint.run_config(source)[0]
@@ -281,8 +282,9 @@ def check_source(source, model_cfg, label_names, tok):
       return
     theirs = objectives.labels(src.data)[1] if src.objective == 'classification' else None
     eps, their_tok = src.model.get('ln_eps', model_lib.GPTConfig.ln_eps), src.tokenizer
-  problems = [] if eps == model_cfg.ln_eps else [
-      f'model.ln_eps: run {model_cfg.ln_eps} vs source {eps}']
+    problems = []
+  if eps != model_cfg.ln_eps:
+    problems.append(f'model.ln_eps: run {model_cfg.ln_eps} vs source {eps}')
   try:  # (A source's tokenizer that is gone, e.g. a moved directory, cannot be compared.)
     other = tokenizer_lib.build(their_tok)
   except (FileNotFoundError, OSError, config_lib.ConfigError):

@@ -15,7 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from conftest import small_argv, small_config, snapshot
-from jaxft import checkpoint, convert, evaluate, model as model_lib, objectives, sharding, \
+from jaxft import checkpoint, convert, data, evaluate, model as model_lib, objectives, sharding, \
     tokenizer, train
 from jaxft.config import ConfigError
 
@@ -124,6 +124,48 @@ def test_unsupported_and_mismatched_checkpoints_are_named(tmp_path):
                           model__num_layers=3, model__mlp_dim=64))
 
 
+def test_hf_configs_are_read_as_transformers_reads_them(tmp_path):
+  """What config.json says beyond the shapes either carries over or is refused by name: the
+  classifier's loss and pad id, the end-of-text id, a head without `architectures`, HF's
+  aliases; nothing of it is dropped without a word."""
+  def edited(name, num_labels=0, **changes):
+    path = hf_dir(tmp_path / name, num_labels)
+    c = json.load(open(os.path.join(path, 'config.json')))
+    json.dump({k: v for k, v in {**c, **changes}.items() if v is not None},
+              open(os.path.join(path, 'config.json'), 'w'))
+    return path
+  for name, labels, changes, message in [
+      ('multi', 3, dict(problem_type='multi_label_classification'),
+       r"problem_type='multi_label_classification' \(jaxft: single_label_classification"),
+      ('regression', 1, {}, r'num_labels=1 \(a regression head'),
+      ('eos', 0, dict(eos_token_id=10), r'eos_token_id=10 but tokenizer hf:.*eos ends text with 256'),
+      ('pad', 3, dict(pad_token_id=256), r'pad_token_id=256 but tokenizer hf:.*pad pads with 257')]:
+    with pytest.raises(checkpoint.CheckpointMismatch, match=message):
+      convert.import_hf(edited(name, labels, **changes), str(tmp_path / f'{name}_run'))
+    assert not os.path.exists(tmp_path / f'{name}_run')
+  # The same checks on init_from=hf: (the run's tokenizer pads with 257).
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r'init_from hf:.*does not match the run: '
+                     r'pad_token_id=256 but tokenizer bytes pads with 257'):
+    train.main(small_argv(str(tmp_path / 'ft'), objective='classification', train__steps=1,
+                          train__init_from=f'hf:{tmp_path / "pad"}'))
+  # HF's alias names and a classifier without `architectures` load as transformers loads them.
+  src = hf_dir(tmp_path / 'src', 3)
+  aliased = edited('aliased', 3, architectures=None, n_embd=None, n_layer=None, n_head=None,
+                   hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+  for path, run in ((src, 'a'), (aliased, 'b')):
+    report = convert.import_hf(path, str(tmp_path / run))
+    assert len(report['loaded']) == 29 and report['ignored'] == []
+  a, b = (json.load(open(tmp_path / run / 'config.json')) for run in 'ab')
+  assert a['objective'] == b['objective'] == 'classification'
+  assert (a['model'], a['data']) == (b['model'], b['data'])
+  # Back to HF: the loss, dropout and the tokenizer's length travel with it.
+  convert.export(str(tmp_path / 'b'), str(tmp_path / 'b_hf'))
+  back = json.load(open(tmp_path / 'b_hf' / 'config.json'))
+  assert back['problem_type'] == 'single_label_classification' and len(back['id2label']) == 3
+  assert back['resid_pdrop'] == back['attn_pdrop'] == back['embd_pdrop'] == 0.1
+  assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'b_hf')).model_max_length == 64
+
+
 def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path):
   src = hf_dir(tmp_path / 'src', layer_norm_epsilon=1e-3)
   run = str(tmp_path / 'run')
@@ -172,6 +214,7 @@ def test_an_imported_model_records_a_whole_config_and_evaluates_on_given_data(tm
   saved = json.load(open(os.path.join(run, 'config.json')))
   assert config_lib.differences(saved, config_lib.load_file(config_lib.COMMON)) == [
       ('data.seq_len', 64, 128),  # Within the model's positions.
+      ('model.dropout', 0.1, 0.0),  # The checkpoint's (GPT2Config's default), for to-hf.
       ('model.embed_dim', 32, None), ('model.max_len', 64, None), ('model.mlp_dim', 128, None),
       ('model.num_heads', 4, None), ('model.num_layers', 2, None), ('model.size', 'gpt2', 'tiny'),
       ('tokenizer', f'hf:{tmp_path / "src"}', 'bytes')]
@@ -286,6 +329,45 @@ def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
   after = convert.read_params(os.path.join(back, 'checkpoints', '1', 'params'), ['score', 'wpe'])
   for k in before:
     np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_a_classifier_whose_pad_is_its_eos_reads_the_token_hf_reads(tmp_path):
+  """A BPE tokenizer without a pad token pads with its end of text. HF's classifier reads a row's
+  last token that is not the pad id, so text that ends in that token is read before it; jaxft,
+  and so the export, do the same."""
+  corpus = tmp_path / 'c.jsonl'
+  corpus.write_text(''.join(json.dumps({'text': f'{i}+{i % 7}={i + i % 7}'}) + '\n'
+                            for i in range(300)))
+  tokenizer.main(['train', '--input', str(corpus), '--vocab-size', '300',
+                  '--out', str(tmp_path / 'tok')])
+  run, out = str(tmp_path / 'cls'), str(tmp_path / 'cls_hf')
+  train.main(small_argv(run, objective='classification', tokenizer=f'hf:{tmp_path / "tok"}',
+                        train__steps=2))
+  assert convert.export(run, out) < 1e-4
+  cfg, directory, step = checkpoint.run_config(run)
+  tok = tokenizer.build(cfg.tokenizer)
+  model_cfg = objectives.model_config(cfg, tok)
+  values = convert.read_params(os.path.join(directory, str(step), 'params'),
+                               [r[0] for r in convert.table(model_cfg)])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  graphdef, abstract = convert.abstract_model(model_cfg, mesh)
+  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: jnp.asarray(values[p]), abstract))
+  texts = ['12+34=', '12+34=<|endoftext|>', '12+34=<|endoftext|><|endoftext|>', '9<|endoftext|>3']
+  examples = objectives.get('classification').encode(
+      [({'text': t, 'label': 'low'}, f'probe:{i}') for i, t in enumerate(texts)], tok, cfg.data)
+  ours = np.asarray(objectives.class_logits(model, dict(examples)))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert hf_tok(texts[1])['input_ids'][-1] == tok.eos_id == tok.pad_id
+  hf = transformers.GPT2ForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = np.stack([hf(input_ids=torch.tensor([hf_tok(t)['input_ids']])).logits[0].numpy()
+                       for t in texts])
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  np.testing.assert_array_equal(ours[1], ours[0])  # The trailing end-of-text is not read...
+  assert np.abs(ours[3] - ours[0]).max() > 1e-3  # ...one inside the text is.
+  with pytest.raises(data.RecordError, match=r"probe:0: field 'text' has no tokens \(but padding\)"):
+    objectives.get('classification').encode([({'text': '<|endoftext|>', 'label': 'low'}, 'probe:0')],
+                                            tok, cfg.data)
 
 
 def test_tokenizer_train_cli_makes_a_usable_hf_tokenizer(tmp_path):
