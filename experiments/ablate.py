@@ -2,7 +2,10 @@
 
     python -m experiments.ablate --config=configs/demo.py:classification \
         --sweep optim.lr=1e-3,3e-4 --sweep train.trainable=all,head --seeds 3 --out runs/lr_vs_frozen \
-        [--set train.steps=200] [--jobs 2] [--eval-as labeled_pair]
+        [--set train.steps=200] [--jobs 2]
+
+`--eval-as OBJECTIVE` also scores each finished run as another objective on the same model (a
+next_token run as labeled_pair: exact match of greedy completions).
 
 Sweep values may use {seed} (e.g. --sweep train.init_from=,runs/pre/seed_{seed}; an empty value
 leaves the key at its default). Finished runs (summary.json present) are skipped if they ran the
@@ -145,4 +148,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  try:
+    main(sys.argv[1:])
+  except RuntimeError as e:  # A run that failed or does not fit --out: one line, not a traceback.
+    sys.exit(f'error: {e}')

@@ -1,16 +1,16 @@
 """Tables and plots over an ablation's run directories (<out>/<cell>/seed_<n>/run.json).
 
-    python -m experiments.report runs/lr_vs_frozen [--keys optim.lr,train.trainable]
+    python -m experiments.report runs/lr_vs_frozen [--keys=optim.lr,train.trainable]
 
 results.md and results.csv: mean +- std over seeds of every final test metric per cell;
 learning_curves.png: train loss per cell, mean over seeds with the min-max band shaded;
 final_vs_<key>.png: each cell's main metric against its value of every swept key.
 """
+import argparse
 import csv
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -124,5 +124,8 @@ def plot(out, cells, rows, keys):
 
 
 if __name__ == '__main__':
-  keys = next((a.split('=', 1)[1].split(',') for a in sys.argv[2:] if a.startswith('--keys=')), [])
-  print(write(sys.argv[1], keys))
+  parser = argparse.ArgumentParser(prog='python -m experiments.report')
+  parser.add_argument('out', help='the --out directory of an ablation')
+  parser.add_argument('--keys', default='', help='swept keys to plot against, comma-separated')
+  args = parser.parse_args()
+  print(write(args.out, [k for k in args.keys.split(',') if k]))

@@ -5,6 +5,7 @@ an abstract target carrying the *current* mesh's shardings: resuming onto anothe
 """
 import contextlib
 import json
+import math
 import os
 import shutil
 
@@ -81,8 +82,11 @@ def storage_errors(mngr):
 
 
 def save(mngr, state, data_state, metrics=None):
-  """Save a train state (dict with params/opt_state/step/rng) and the data iterator state."""
+  """Save a train state (dict with params/opt_state/step/rng) and the data iterator state, with
+  the `metrics` keep_best ranks it by (a non-finite one as +inf: orbax would rank a NaN first)."""
   step = int(state['step'])
+  if metrics:
+    metrics = {k: float(v) if math.isfinite(v) else math.inf for k, v in metrics.items()}
   with storage_errors(mngr):  # Also reports the failure of the previous (async) save.
     mngr.save(step, metrics=metrics, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state['params']),
@@ -132,21 +136,30 @@ def check_params(params_dir, abstract_params, new_ok=None):
 
 
 def restore(mngr, abstract_state, shardings, step=None):
-  """(state, data_state) of `step` (default: latest), placed with `shardings`."""
+  """(state, data_state) of `step` (default: latest), placed with `shardings`. The caller has
+  compared the config with the run's: a checkpoint that does not fit it then is damaged, or was
+  written with another optimizer layout, and the error says which earlier step would resume."""
   step = mngr.latest_step() if step is None else step
-  check_params(mngr.directory / str(step) / 'params', abstract_state['params'])
+  others = sorted(s for s in mngr.all_steps() if s != step)
+  hint = (f'\nIf the config is the run\'s own, checkpoint {step} may be damaged (a file lost or '
+          f'cut): move {mngr.directory}/{step} aside to resume from ' +
+          (f'step {others[-1]}' if others else 'scratch'))
   rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
+  try:
+    check_params(mngr.directory / str(step) / 'params', abstract_state['params'])
+  except CheckpointMismatch as e:
+    raise CheckpointMismatch(f'{e}{hint}') from None
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(abstract_state['params'], shardings['params'])),
         train=ocp.args.StandardRestore(_abstract(rest(abstract_state), rest(shardings))),
         data=ocp.args.JsonRestore()))
-  except ValueError as e:  # The params fit (checked above): the optimizer state's layout differs.
+  except Exception as e:  # The params' shapes fit (checked above): their data, or the optimizer's.
     raise CheckpointMismatch(
-        f'checkpoint {mngr.directory}/{step}: its optimizer state does not fit this config\'s '
-        f'optimizer (was optim.clip_norm or train.trainable changed? resume with the saved '
-        f'config.json, or start a new workdir with train.init_from): '
-        f'{str(e).strip().splitlines()[0]}') from None
+        f'checkpoint {mngr.directory}/{step} could not be restored: its optimizer state does not '
+        f'fit this config\'s optimizer (was optim.clip_norm or train.trainable changed? resume '
+        f'with the saved config.json, or start a new workdir with train.init_from), or a file of '
+        f'it is damaged: {type(e).__name__}: {str(e).strip().splitlines()[0]}{hint}') from e
   return {'params': out.params, **out.train}, out.data
 
 
@@ -156,6 +169,10 @@ def resolve(path):
   if (path / 'checkpoints').is_dir():
     path = path / 'checkpoints'
   if (path / 'params').is_dir():  # A step directory.
+    if not path.name.isdigit():  # An orbax <step>.orbax-checkpoint-tmp, still being written.
+      steps = sorted(ocp.utils.checkpoint_steps(path.parent))
+      raise FileNotFoundError(f'{path} is not a finished checkpoint (finished steps there: '
+                              f'{", ".join(map(str, steps)) or "none"})')
     return path.parent, int(path.name)
   if not path.is_dir():
     steps = ocp.utils.checkpoint_steps(path.parent) if path.parent.is_dir() else []

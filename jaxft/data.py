@@ -270,6 +270,10 @@ def read_split(spec, split, data_cfg):
 def load_splits(data_cfg, seed):
   """{'train', 'val', 'test'} -> Records, from files / datasets or the demo generator."""
   if data_cfg.source == 'demo':
+    given = [f'data.{k}={data_cfg[k]!r}' for k in ('train', 'val', 'test') if data_cfg[k]]
+    if given:  # They would be ignored: a report or a run claiming other data than it used.
+      raise DataError(f'{", ".join(given)} given, but data.source=demo reads no files: add '
+                      f'--config.data.source=files')
     parts = demo_data.splits(data_cfg.demo.num_examples, seed)
     return {s: Records((r, f'demo:{s}:{i}') for i, r in enumerate(rs)) for s, rs in parts.items()}
   if data_cfg.source != 'files':

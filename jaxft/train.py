@@ -51,7 +51,8 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=
   """The one jitted, state-donating train_step(state, batch) -> (state, metrics).
 
   The batch is split into `grad_accum` micro-batches whose loss sums and supervised-token counts
-  are added up before dividing, so k micro-batches give exactly the update of one k-times batch.
+  are added up before dividing, so k micro-batches give exactly the update of one k-times batch
+  (without dropout: micro-batch i draws its masks from fold_in(key, i), so they depend on k).
   Params for which trainable(path) is False are frozen: no gradient flows into them and they
   are carried over untouched (bit for bit). `opt_shardings`: the optimizer state's shardings;
   if they are in host memory (build_state with optim.offload), the state is brought to the device
@@ -197,7 +198,10 @@ class Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return bool(self.notices)
 
-  def close(self):
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):  # After the last checkpoint wait: a second SIGTERM must not cut it.
     if not self.shared:
       signal.signal(signal.SIGTERM, self.previous)
 
@@ -212,10 +216,10 @@ def log(msg):
     print(msg, flush=True)
 
 
-def prepare_splits(cfg, objective, tok, workdir=None):
-  """(checked records, encoded val/test examples) per split, with a log line each. The train
-  records are tokenized later, as the TrainStream draws them. Bad records skipped
-  (data.on_error='skip') are counted there and listed in <workdir>/skipped_records.txt."""
+def prepare_splits(cfg, objective, tok):
+  """(checked records, encoded val/test examples) per split, with a log line each, and the bad
+  records skipped (data.on_error='skip') as lines for <workdir>/skipped_records.txt. The train
+  records are tokenized later, as the TrainStream draws them."""
   records, examples, skipped = {}, {}, []
   for split, recs in data.load_splits(cfg.data, cfg.seed).items():
     # A dataset's train split is read as drawn too: each process reads only its records.
@@ -238,9 +242,7 @@ def prepare_splits(cfg, objective, tok, workdir=None):
     skipped += [f'{split}\t{message}' for message in bad]
     log(f'{split} ({cfg.objective}): {line}'
         + (f', {len(bad)} bad records skipped (first: {bad[0]})' if bad else ''))
-  if skipped and workdir and jax.process_index() == 0:
-    config_lib.write_file(workdir, 'skipped_records.txt', '\n'.join(skipped) + '\n')
-  return records, examples
+  return records, examples, skipped
 
 
 def trainable_fn(cfg, objective):
@@ -325,6 +327,11 @@ def init_params(source, model_cfg, params, shardings, workdir, tok, label_names=
 def check_batch(cfg, mesh):
   """train.batch_size in whole micro-batches (train.grad_accum) over the batch's devices."""
   shards, T = mesh.shape['data'] * mesh.shape['fsdp'], cfg.train
+  if shards % jax.process_count():  # Each process feeds its own rows: the rows must be split.
+    raise config_lib.ConfigError(
+        f'mesh.data x mesh.fsdp = {shards} must be a multiple of the {jax.process_count()} '
+        f'processes: each process loads its own rows of the batch, which a batch replicated '
+        f'across processes (mesh.tensor spanning them) would not see whole')
   if T.batch_size % (T.grad_accum * shards):
     raise config_lib.ConfigError(
         f'train.batch_size={T.batch_size} must divide into train.grad_accum={T.grad_accum} '
@@ -353,160 +360,167 @@ def setup(cfg, tok, objective, mesh):
 
 def run(cfg, workdir):
   """Train per `cfg` in `workdir` (resuming if it holds a checkpoint). Returns the final state."""
-  mesh = sharding.make_mesh(cfg.mesh)
-  log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, '
-      f'{jax.process_count()} process(es)')
-  T = cfg.train
-  check_batch(cfg, mesh)  # Before the data is read: fail fast.
-  tok = tokenizer_lib.build(cfg.tokenizer)
-  objective = objectives.get(cfg.objective)
-  records, examples = prepare_splits(cfg, objective, tok, workdir)
-  built = setup(cfg, tok, objective, mesh)
-  model_cfg, trainable, abstract, shardings = (built.model_cfg, built.trainable, built.abstract,
-                                               built.shardings)
-  sizes = built.param_sizes
-  n_train = sum(n for k, n in sizes.items() if trainable is None or trainable(k))
-  if n_train == 0:
-    raise config_lib.ConfigError(f'train.trainable={T.trainable!r} matches no parameter; paths '
-                                 f'look like {", ".join(list(sizes)[:4])}')
-  log(f'model {model_cfg} with {sum(sizes.values()):,} params, {n_train:,} trainable')
-  checkpoint.check_storage(workdir, sum(x.size * x.dtype.itemsize
-                                        for x in jax.tree.leaves(abstract)))
+  with Preemption() as preempted:  # From the start: a notice during set-up is kept too.
+    mesh = sharding.make_mesh(cfg.mesh)
+    log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, '
+        f'{jax.process_count()} process(es)')
+    T = cfg.train
+    check_batch(cfg, mesh)  # Before the data is read: fail fast.
+    tok = tokenizer_lib.build(cfg.tokenizer)
+    objective = objectives.get(cfg.objective)
+    records, examples, skipped = prepare_splits(cfg, objective, tok)
+    built = setup(cfg, tok, objective, mesh)
+    model_cfg, trainable, abstract, shardings = (built.model_cfg, built.trainable, built.abstract,
+                                                 built.shardings)
+    sizes = built.param_sizes
+    n_train = sum(n for k, n in sizes.items() if trainable is None or trainable(k))
+    if n_train == 0:
+      raise config_lib.ConfigError(f'train.trainable={T.trainable!r} matches no parameter; paths '
+                                   f'look like {", ".join(list(sizes)[:4])}')
+    log(f'model {model_cfg} with {sum(sizes.values()):,} params, {n_train:,} trainable')
+    checkpoint.check_storage(workdir, sum(x.size * x.dtype.itemsize
+                                          for x in jax.tree.leaves(abstract)))
 
-  mngr = checkpoint.manager(workdir, cfg.checkpoint)
-  train_iter = objective.stream(records['train'], tok, cfg.data, T.batch_size, cfg.seed)
-  # Cumulative counts travel with the data position in the checkpoint.
-  totals = {'tokens': 0.0, 'supervised_tokens': 0.0, 'skipped_steps': 0.0}
-  if mngr.latest_step() is not None:
-    changes = config_lib.resume_changes(cfg, workdir)
-    state, data_state = checkpoint.restore(mngr, abstract, shardings)
-    train_iter.set_state(data_state['iterator'])
-    totals.update(data_state['totals'])
-    log(f'resumed from {mngr.directory}/{mngr.latest_step()}' + ''.join(
-        f'; {k} {a!r} -> {b!r}' for k, a, b in changes)
-        + ('; the lr schedule now ends at the new train.steps' if int(state['step']) < T.steps
-           and any(k == 'train.steps' for k, *_ in changes) else ''))
-  else:
-    state = built.init_fn()
-    if T.init_from:
-      label_names = (objectives.labels(cfg.data)[1] if cfg.objective == 'classification'
-                     else None)
-      state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
-                                    workdir, tok, label_names)
-  step = int(state['step'])
-  if step >= T.steps:
-    log(f'{workdir} already holds the final step {step}; nothing to do')
-    mngr.close()
-    return state
-  # Written only now that the config has proven it fits the workdir's checkpoint and there is
-  # something to train: a bad rerun must not overwrite the record of what was trained.
-  if jax.process_index() == 0:
-    config_lib.save(cfg, workdir)
-
-  train_step = built.train_step
-  evaluator = evaluate.Evaluator(built.graphdef, objective, examples, records, tok, cfg, mesh)
-  baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
-                                       cfg.data) for s in ('val', 'test')}
-  metrics_log = MetricsLog(workdir, step)
-  progress = Progress(step, T.steps)
-  window = {'tokens': 0.0, 'time': time.time()}
-  final, started = {}, time.time()
-
-  def run_eval(split, max_batches):
-    result = evaluator(state['params'], split, max_batches)
-    metrics_log.write(step, split, result)
+    mngr = checkpoint.manager(workdir, cfg.checkpoint)
+    train_iter = objective.stream(records['train'], tok, cfg.data, T.batch_size, cfg.seed)
+    # Cumulative counts travel with the data position in the checkpoint.
+    totals = {'tokens': 0.0, 'supervised_tokens': 0.0, 'skipped_steps': 0.0}
+    if mngr.latest_step() is not None:
+      changes = config_lib.resume_changes(cfg, workdir)
+      state, data_state = checkpoint.restore(mngr, abstract, shardings)
+      train_iter.set_state(data_state['iterator'])
+      totals.update(data_state['totals'])
+      log(f'resumed from {mngr.directory}/{mngr.latest_step()}' + ''.join(
+          f'; {k} {a!r} -> {b!r}' for k, a, b in changes)
+          + ('; the lr schedule now ends at the new train.steps' if int(state['step']) < T.steps
+             and any(k == 'train.steps' for k, *_ in changes) else ''))
+    else:
+      state = built.init_fn()
+      if T.init_from:
+        label_names = (objectives.labels(cfg.data)[1] if cfg.objective == 'classification'
+                       else None)
+        state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
+                                      workdir, tok, label_names)
+    step = int(state['step'])
+    if step > T.steps:
+      mngr.close()
+      raise config_lib.ConfigError(f'train.steps={T.steps} is below the step of {workdir}\'s '
+                                   f'checkpoint, {step}: give train.steps >= {step}')
+    if step == T.steps and (epath.Path(workdir) / 'summary.json').exists():
+      log(f'{workdir} already holds the final step {step}; nothing to do')
+      mngr.close()
+      return state
+    # Written only now that the config has proven it fits the workdir's checkpoint and there is
+    # something to train: a bad rerun must not overwrite the record of what was trained.
     if jax.process_index() == 0:
-      evaluate.write_report(workdir, cfg, step, split, result, baselines[split], max_batches)
-    log(f'step {step} {split}: ' + summary(result) + ' | baselines: ' + summary(baselines[split]))
-    final[split] = result
-    return result
+      config_lib.save(cfg, workdir)
+      if skipped:
+        config_lib.write_file(workdir, 'skipped_records.txt', '\n'.join(skipped) + '\n')
 
-  def save(ckpt_metrics=None):
-    checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals},
-                    ckpt_metrics)
+    train_step = built.train_step
+    evaluator = evaluate.Evaluator(built.graphdef, objective, examples, records, tok, cfg, mesh)
+    baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
+                                         cfg.data) for s in ('val', 'test')}
+    metrics_log = MetricsLog(workdir, step)
+    progress = Progress(step, T.steps)
+    window = {'tokens': 0.0, 'time': time.time()}
+    final, started = {}, time.time()
 
-  def record(at_step, metrics):
-    """Check and log one step's metrics (blocks until that step has run)."""
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    finite = np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])
-    if not finite:
-      where = (f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at step {at_step} '
-               f'(batch {at_step - 1} of the train stream)')
-      in_a_row, allowed = int(m['nonfinite_in_a_row']), cfg.optim.skip_nonfinite
-      if in_a_row > allowed:  # apply_if_finite let this update through: the state is spoilt.
-        raise FloatingPointError(
-            f'{where}; stopping without saving this state' + (
-                f' ({in_a_row} in a row > optim.skip_nonfinite={allowed})' if allowed else
-                ' (optim.skip_nonfinite=N skips up to N such steps in a row)'))
-      totals['skipped_steps'] += 1
-      log(f'{where}: update skipped ({in_a_row} in a row, {int(totals["skipped_steps"])} in all)')
-    if m['supervised_tokens'] == 0:
-      raise data.DataError(f'train batch at step {at_step} has no supervised token')
-    if finite:  # A skipped step trained on nothing.
-      totals['tokens'] += m['tokens']
-      totals['supervised_tokens'] += m['supervised_tokens']
-      window['tokens'] += m['tokens']
-    if at_step % T.log_every == 0 or at_step == T.steps:
-      now = time.time()
-      line = {**m, 'tokens_per_s': window['tokens'] / max(now - window['time'], 1e-9),
-              'total_tokens': totals['tokens'],
-              'total_supervised_tokens': totals['supervised_tokens'],
-              'skipped_steps': totals['skipped_steps']}
-      metrics_log.write(at_step, 'train', line)
-      progress.update(at_step, line)
-      window.update(tokens=0.0, time=now)
-
-  preempted = Preemption()
-  pending = None
-  try:
-    while step < T.steps:
-      batch = next(train_iter)
-      del batch['record_ids']  # Host-side provenance: which records each row holds.
-      batch = sharding.shard_batch(batch, mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      # The previous step's metrics are read while this one runs: the device never waits for
-      # the host, yet a NaN is caught before any later state can be saved (saves follow a sync).
-      if pending:
-        record(*pending)
-      pending = (step, metrics)
-      stopping = preempted(step)  # Read once: a notice landing mid-iteration waits for the next.
-      evaluate_now = step % T.eval_every == 0
-      save_now = step % cfg.checkpoint.every == 0 or stopping
-      if evaluate_now or save_now or step == T.steps:
-        record(*pending)
-        pending = None
-      if step == T.steps:
-        break  # The final evaluation and checkpoint follow the loop.
-      ckpt_metrics = None
-      if evaluate_now:
-        val = run_eval('val', T.eval_batches)
-        ckpt_metrics = {'val_loss': val['loss']}
-      if save_now:
-        save(ckpt_metrics)
-      if stopping:
-        log(f'{preempted.what}: saved step {step}, exiting; rerun the same command to resume')
-        break
-    if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved.
-      val, _ = run_eval('val', 0), run_eval('test', 0)
-      if mngr.latest_step() != step:  # keep_best compares it with the capped evaluations': so.
-        save({'val_loss': evaluator.loss(state['params'], 'val', T.eval_batches)
-              if T.eval_batches else val['loss']})
-      checkpoint.wait(mngr)  # summary.json only once the final checkpoint is on disk.
-      dropped = sum(d for *_, d in train_iter.get_state()['slots'])  # (Gathered: all processes.)
+    def run_eval(split, max_batches):
+      result = evaluator(state['params'], split, max_batches)
+      metrics_log.write(step, split, result)
       if jax.process_index() == 0:
-        config_lib.write_file(workdir, 'summary.json', json.dumps(
-            {'objective': cfg.objective, 'steps': step, 'tokens': totals['tokens'],
-             'supervised_tokens': totals['supervised_tokens'], 'train_dropped': dropped,
-             'wall_s': round(time.time() - started, 1),  # This process (resumes add up).
-             'val': final['val'], 'test': final['test'], 'baselines': baselines}, indent=1))
-  finally:
-    progress.close()
-    metrics_log.close()
-    preempted.close()
-    checkpoint.wait(mngr)
-    mngr.close()
-  return state
+        evaluate.write_report(workdir, cfg, step, split, result, baselines[split], max_batches)
+      log(f'step {step} {split}: ' + summary(result) + ' | baselines: ' + summary(baselines[split]))
+      final[split] = result
+      return result
+
+    def save(val=None, rank=True):
+      """Checkpoint the state; keep_best ranks it by the val loss of train.eval_batches batches
+      (`val`'s where that was just measured so)."""
+      metrics = None
+      if cfg.checkpoint.keep_best and rank:
+        metrics = {'val_loss': val['loss'] if val else
+                   evaluator.loss(state['params'], 'val', T.eval_batches)}
+      checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals}, metrics)
+
+    def record(at_step, metrics):
+      """Check and log one step's metrics (blocks until that step has run)."""
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      finite = np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])
+      if not finite:
+        where = (f'non-finite loss {m["loss"]} / grad_norm {m["grad_norm"]} at step {at_step} '
+                 f'(batch {at_step - 1} of the train stream)')
+        in_a_row, allowed = int(m['nonfinite_in_a_row']), cfg.optim.skip_nonfinite
+        if in_a_row > allowed:  # apply_if_finite let this update through: the state is spoilt.
+          raise FloatingPointError(
+              f'{where}; stopping without saving this state' + (
+                  f' ({in_a_row} in a row > optim.skip_nonfinite={allowed})' if allowed else
+                  ' (optim.skip_nonfinite=N skips up to N such steps in a row)'))
+        totals['skipped_steps'] += 1
+        log(f'{where}: update skipped ({in_a_row} in a row, {int(totals["skipped_steps"])} in all)')
+      if m['supervised_tokens'] == 0:
+        raise data.DataError(f'train batch at step {at_step} has no supervised token')
+      if finite:  # A skipped step trained on nothing.
+        totals['tokens'] += m['tokens']
+        totals['supervised_tokens'] += m['supervised_tokens']
+        window['tokens'] += m['tokens']
+      if at_step % T.log_every == 0 or at_step == T.steps:
+        now = time.time()
+        line = {**m, 'tokens_per_s': window['tokens'] / max(now - window['time'], 1e-9),
+                'total_tokens': totals['tokens'],
+                'total_supervised_tokens': totals['supervised_tokens'],
+                'skipped_steps': totals['skipped_steps']}
+        metrics_log.write(at_step, 'train', line)
+        progress.update(at_step, line)
+        window.update(tokens=0.0, time=now)
+
+    pending = None
+    try:
+      while step < T.steps:
+        batch = next(train_iter)
+        del batch['record_ids']  # Host-side provenance: which records each row holds.
+        batch = sharding.shard_batch(batch, mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        # The previous step's metrics are read while this one runs: the device never waits for
+        # the host, yet a NaN is caught before any later state can be saved (saves follow a sync).
+        if pending:
+          record(*pending)
+        pending = (step, metrics)
+        stopping = preempted(step)  # Read once: a notice landing mid-iteration waits for the next.
+        evaluate_now = step % T.eval_every == 0
+        save_now = step % cfg.checkpoint.every == 0 or stopping
+        if evaluate_now or save_now or step == T.steps:
+          record(*pending)
+          pending = None
+        if step == T.steps:
+          break  # The final evaluation and checkpoint follow the loop.
+        val = run_eval('val', T.eval_batches) if evaluate_now else None
+        if save_now:  # (A preemption save is not ranked: its grace time is better spent writing.)
+          save(val, rank=not stopping or evaluate_now)
+        if stopping:
+          checkpoint.wait(mngr)  # Saved means on disk: a second notice may kill us after this.
+          log(f'{preempted.what}: saved step {step}, exiting; rerun the same command to resume')
+          break
+      if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved.
+        val, _ = run_eval('val', 0), run_eval('test', 0)
+        if mngr.latest_step() != step:  # Ranked as the others (the whole split if uncapped).
+          save(None if T.eval_batches else val)
+        checkpoint.wait(mngr)  # summary.json only once the final checkpoint is on disk.
+        dropped = sum(d for *_, d in train_iter.get_state()['slots'])  # (Gathered: all processes.)
+        if jax.process_index() == 0:
+          config_lib.write_file(workdir, 'summary.json', json.dumps(
+              {'objective': cfg.objective, 'steps': step, 'tokens': totals['tokens'],
+               'supervised_tokens': totals['supervised_tokens'], 'train_dropped': dropped,
+               'wall_s': round(time.time() - started, 1),  # This process (resumes add up).
+               'val': final['val'], 'test': final['test'], 'baselines': baselines}, indent=1))
+    finally:
+      progress.close()
+      metrics_log.close()
+      checkpoint.wait(mngr)
+      mngr.close()
+    return state
 
 
 def initialize_distributed(d):

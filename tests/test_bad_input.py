@@ -192,7 +192,8 @@ def test_a_workdir_without_its_config_is_still_checked_by_its_checkpoint(finishe
   os.remove(os.path.join(wd, 'config.json'))
   before = snapshot(wd)
   message = cli_error(small_argv(wd, optim__clip_norm=0.0), monkeypatch)
-  assert re.search(r'checkpoint .*/checkpoints/2: its optimizer state does not fit this '
+  assert re.search(r'checkpoint .*/checkpoints/2 could not be restored: its optimizer state '
+                   r'does not fit this '
                    r'config\'s optimizer \(was optim\.clip_norm or train\.trainable changed',
                    message), message
   assert snapshot(wd) == before

@@ -24,4 +24,10 @@ def test_keeps_newest_n_plus_best_val_loss(tmp_path):
     checkpoint.save(mngr, state, {'iterator': {'next_index': step}}, {'val_loss': 9.0})
   mngr.wait_until_finished()
   assert sorted(ocp.utils.checkpoint_steps(str(tmp_path / 'checkpoints'))) == [2, 7, 8]
+  # A NaN val loss ranks last: it does not displace the best.
+  for step in (9, 10):
+    state = {'params': {'w': np.full(3, step, np.float32)}, 'step': np.int32(step)}
+    checkpoint.save(mngr, state, {'iterator': {'next_index': step}}, {'val_loss': float('nan')})
+  mngr.wait_until_finished()
+  assert sorted(ocp.utils.checkpoint_steps(str(tmp_path / 'checkpoints'))) == [2, 9, 10]
   mngr.close()

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from conftest import small_argv, small_config, snapshot
-from jaxft import checkpoint, convert, data, evaluate, model as model_lib, objectives, sharding, \
+from jaxft import checkpoint, cli, convert, data, evaluate, model as model_lib, objectives, sharding, \
     tokenizer, train
 from jaxft.config import ConfigError
 
@@ -40,6 +41,19 @@ def hf_dir(path, num_labels=0, **overrides):
   model.save_pretrained(path)
   tokenizer.byte_tokenizer_as_hf().save_pretrained(path)
   return str(path)
+
+
+def run_model(workdir):
+  """(config, tokenizer, GPT) of a jaxft run's newest checkpoint, on one device."""
+  cfg, directory, step = checkpoint.run_config(workdir)
+  tok = tokenizer.build(cfg.tokenizer)
+  model_cfg = objectives.model_config(cfg, tok)
+  values = convert.read_params(os.path.join(directory, str(step), 'params'),
+                               [r[0] for r in convert.table(model_cfg)])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  graphdef, abstract = convert.abstract_model(model_cfg, mesh)
+  return cfg, tok, nnx.merge(graphdef, model_lib.map_with_path(
+      lambda p, _: jnp.asarray(values[p]), abstract))
 
 
 def tensors(directory):
@@ -166,7 +180,7 @@ def test_hf_configs_are_read_as_transformers_reads_them(tmp_path):
   assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'b_hf')).model_max_length == 64
 
 
-def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path):
+def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path, monkeypatch):
   src = hf_dir(tmp_path / 'src', layer_norm_epsilon=1e-3)
   run = str(tmp_path / 'run')
   convert.import_hf(src, run)
@@ -175,6 +189,10 @@ def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path):
   other = hf_dir(tmp_path / 'other', n_embd=64)
   with pytest.raises(FileExistsError, match=r'run already holds a jaxft run.*another --out'):
     convert.import_hf(other, run)
+  # From the command line: one error line, no traceback.
+  monkeypatch.setattr(sys, 'argv', ['jaxft.convert', 'from-hf', '--model', other, '--out', run])
+  with pytest.raises(SystemExit, match=r'^error: .*run already holds a jaxft run'):
+    cli.run(convert.main)
   assert snapshot(run) == before
   # A config whose vocab is not its tokenizer's: the padded rows would be masked (or invented).
   wide = hf_dir(tmp_path / 'wide', vocab_size=300)
@@ -291,14 +309,7 @@ def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
   assert convert.export(lm, str(tmp_path / 'lm_hf')) < 1e-4
   gen = transformers.pipeline('text-generation', model=str(tmp_path / 'lm_hf'))
   # Greedy generation equals jaxft's greedy decoding of the same checkpoint.
-  cfg, directory, step = checkpoint.run_config(lm)
-  tok = tokenizer.build(cfg.tokenizer)
-  model_cfg = objectives.model_config(cfg, tok)
-  values = convert.read_params(os.path.join(directory, str(step), 'params'),
-                               [r[0] for r in convert.table(model_cfg)])
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  graphdef, abstract = convert.abstract_model(model_cfg, mesh)
-  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: jnp.asarray(values[p]), abstract))
+  cfg, tok, model = run_model(lm)
   prompt = tok.encode('12+34=')
   buf = np.array([prompt + [tok.pad_id] * 6])
   ours = np.asarray(evaluate.greedy(model, buf, np.array([len(prompt)]), 6))[0].tolist()
@@ -344,14 +355,7 @@ def test_a_classifier_whose_pad_is_its_eos_reads_the_token_hf_reads(tmp_path):
   train.main(small_argv(run, objective='classification', tokenizer=f'hf:{tmp_path / "tok"}',
                         train__steps=2))
   assert convert.export(run, out) < 1e-4
-  cfg, directory, step = checkpoint.run_config(run)
-  tok = tokenizer.build(cfg.tokenizer)
-  model_cfg = objectives.model_config(cfg, tok)
-  values = convert.read_params(os.path.join(directory, str(step), 'params'),
-                               [r[0] for r in convert.table(model_cfg)])
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  graphdef, abstract = convert.abstract_model(model_cfg, mesh)
-  model = nnx.merge(graphdef, model_lib.map_with_path(lambda p, _: jnp.asarray(values[p]), abstract))
+  cfg, tok, model = run_model(run)
   texts = ['12+34=', '12+34=<|endoftext|>', '12+34=<|endoftext|><|endoftext|>', '9<|endoftext|>3']
   examples = objectives.get('classification').encode(
       [({'text': t, 'label': 'low'}, f'probe:{i}') for i, t in enumerate(texts)], tok, cfg.data)

@@ -4,10 +4,11 @@ import csv
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
-from conftest import SMALL, small_config
+from conftest import ROOT, SMALL, small_config
 from experiments import ablate, report
 
 
@@ -57,6 +58,11 @@ def test_report_aggregates_seeds_into_tables_and_plots(tmp_path):
   assert {r['cell']: float(r['accuracy mean']) for r in rows} == {'all': 0.5, 'head': pytest.approx(0.9)}
   for png in ('learning_curves.png', 'final_vs_train.trainable.png'):
     assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+  # The command line takes --keys in both forms.
+  os.remove(tmp_path / 'final_vs_train.trainable.png')
+  subprocess.run([sys.executable, '-m', 'experiments.report', out, '--keys', 'train.trainable'],
+                 cwd=ROOT, check=True, capture_output=True)
+  assert (tmp_path / 'final_vs_train.trainable.png').is_file()
 
 
 def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Fault injection on the small demo config: kills, signals, storage failures and NaN batches.
 Each test is a row of the README's "Faults and bad input" table."""
+import glob
 import json
 import os
 import re
@@ -68,6 +69,39 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, root):
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert f'resumed from {wd}/checkpoints/{step}' in rerun.stdout
   assert max(ckpt_steps(wd)) == step + 2
+  # A notice during set-up (here: just after the restore) is kept for the first step, and
+  # "saved" means on disk: a SIGKILL the moment that line appears leaves the checkpoint whole.
+  proc = subprocess.Popen([*cmd, *small_argv(wd, train__steps=100000, checkpoint__every=1000)],
+                          cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if 'resumed from' in line:
+      proc.send_signal(signal.SIGTERM)
+    if 'SIGTERM: saved step' in line:
+      proc.kill()
+      break
+  else:
+    pytest.fail('the run ended without saving')
+  proc.wait(timeout=60)
+  saved = int(re.search(r'saved step (\d+)', line).group(1))
+  assert saved == step + 3 and saved in ckpt_steps(wd)
+  assert not glob.glob(os.path.join(wd, 'checkpoints', '*tmp*'))
+
+
+def test_a_damaged_newest_checkpoint_names_the_step_to_resume_from(tmp_path, monkeypatch):
+  wd = str(tmp_path / 'run')
+  opts = dict(checkpoint__every=2, checkpoint__keep=2, checkpoint__keep_best=False)
+  train.main(small_argv(wd, train__steps=4, **opts))
+  metadata = os.path.join(wd, 'checkpoints', '4', 'params', '_METADATA')
+  assert os.path.isfile(metadata)
+  os.remove(metadata)  # A file lost, e.g. by a sync of the workdir cut short.
+  before = snapshot(wd)
+  message = cli_error(small_argv(wd, train__steps=6, **opts), monkeypatch)
+  assert re.search(r'checkpoint 4 may be damaged \(a file lost or cut\): move '
+                   rf'{re.escape(wd)}/checkpoints/4 aside to resume from step 2', message), message
+  assert snapshot(wd) == before  # Nothing deleted, not even the damaged one.
+  shutil.move(os.path.join(wd, 'checkpoints', '4'), str(tmp_path / 'aside'))
+  train.main(small_argv(wd, train__steps=6, **opts))
+  assert sorted(ckpt_steps(wd)) == [4, 6]
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path, monkeypatch):

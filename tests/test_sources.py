@@ -125,3 +125,11 @@ def test_trains_labeled_pair_on_hf_datasets_with_field_mapping(hf_dirs, tmp_path
   out = capsys.readouterr().out
   assert 'train (labeled_pair): 40 records' in out and 'test (labeled_pair): 10 records' in out
   assert json.load(open(os.path.join(wd, 'summary.json')))['test']['exact_match_examples'] == 10
+
+
+def test_data_files_with_the_demo_source_are_refused_not_ignored():
+  cfg = small_config(data__test='my_test.jsonl')
+  assert cfg.data.source == 'demo'
+  with pytest.raises(data.DataError, match=r"data.test='my_test.jsonl' given, but data.source=demo "
+                     r"reads no files: add --config.data.source=files"):
+    data.load_splits(cfg.data, 0)

@@ -52,10 +52,18 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   train.main(small_argv(wd, train__steps=10))  # Rerun: resumes at the end, does nothing.
   assert 'already holds the final step 10' in capsys.readouterr().out
   assert len(metrics(wd)) == len(lines)
-  # Fewer steps: nothing to do, and the record of what was run is left as it was.
-  train.main(small_argv(wd, train__steps=4))
-  assert 'already holds the final step 10' in capsys.readouterr().out
+  # Fewer steps than the checkpoint's: refused, and the record of what was run left as it was.
+  with pytest.raises(config_lib.ConfigError, match=r'train.steps=4 is below the step of .*checkpoint, 10'):
+    train.main(small_argv(wd, train__steps=4))
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 10
+  # Killed between the final checkpoint and summary.json: the rerun evaluates and writes it.
+  summary = json.load(open(os.path.join(wd, 'summary.json')))
+  os.remove(os.path.join(wd, 'summary.json'))
+  train.main(small_argv(wd, train__steps=10, checkpoint__every=5, checkpoint__keep=1,
+                        train__eval_batches=1))
+  again = json.load(open(os.path.join(wd, 'summary.json')))
+  assert (again['steps'], again['test']) == (10, summary['test'])
+  lines = metrics(wd)
   # More steps resume the run, and the log says what changed.
   train.main(small_argv(wd, train__steps=12, train__eval_every=6))
   out = capsys.readouterr().out
@@ -64,6 +72,39 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
           f'schedule now ends at the new train.steps') in out
   assert [l['step'] for l in metrics(wd) if l['split'] == 'train'][-3:] == [10, 11, 12]
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 12
+
+
+def test_keep_best_ranks_every_save_and_init_from_names_an_unfinished_one(tmp_path):
+  wd = str(tmp_path / 'run')
+  train.main(small_argv(wd, train__steps=6, train__eval_every=5, checkpoint__every=2,
+                        checkpoint__keep=3, train__eval_batches=1))
+  # Saves off the eval cadence (2, 4) are ranked too, each by its own val loss.
+  assert sorted(ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints'))) == [2, 4, 6]
+  losses = [json.load(open(os.path.join(wd, 'checkpoints', str(s), 'metrics', 'metrics')))
+            ['val_loss'] for s in (2, 4, 6)]
+  assert len(set(losses)) == 3 and all(np.isfinite(losses))
+  # An orbax write still under way is not a checkpoint to start from.
+  os.makedirs(os.path.join(wd, 'checkpoints', '8.orbax-checkpoint-tmp', 'params'))
+  with pytest.raises(FileNotFoundError, match=r'8.orbax-checkpoint-tmp is not a finished '
+                     r'checkpoint \(finished steps there: 2, 4, 6\)'):
+    train.main(small_argv(str(tmp_path / 'ft'), train__steps=1,
+                          train__init_from=os.path.join(wd, 'checkpoints', '8.orbax-checkpoint-tmp')))
+
+
+def test_processes_must_split_the_batch_rows(monkeypatch):
+  """Each process loads its own rows: a mesh whose batch axes do not span the processes would
+  take one process's rows for the whole batch."""
+  from conftest import small_config
+  from jaxft import sharding
+  cfg = small_config(mesh__data=1, mesh__fsdp=1, mesh__tensor=8)
+  mesh = sharding.make_mesh(cfg.mesh)
+  train.check_batch(cfg, mesh)
+  monkeypatch.setattr(train.jax, 'process_count', lambda: 2)
+  with pytest.raises(config_lib.ConfigError, match=r'mesh.data x mesh.fsdp = 1 must be a '
+                     r'multiple of the 2 processes'):
+    train.check_batch(cfg, mesh)
+  split = small_config(mesh__data=2, mesh__fsdp=1, mesh__tensor=4)
+  train.check_batch(split, sharding.make_mesh(split.mesh))
 
 
 def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
@@ -215,3 +256,11 @@ def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
   skipped = open(os.path.join(wd, 'skipped_records.txt')).read().splitlines()
   assert len(skipped) == 2 and skipped[0].startswith(f'train\t{src}:11: malformed JSON line')
   assert re.match(rf"(train|val|test)\t{src}:21: missing field 'body'", skipped[1])
+  # A rerun refused for other data leaves the list of what this run skipped alone.
+  other = tmp_path / 'other.jsonl'
+  other.write_text(''.join(l + '\n' for l in lines[:300] + ['{"body": also broken']))
+  with pytest.raises(config_lib.ConfigError, match='data.train'):
+    train.main(small_argv(wd, data__source='files', data__train=str(other), data__text_field='body',
+                          data__val_fraction=0.1, data__test_fraction=0.1, train__steps=3,
+                          data__on_error='skip'))
+  assert open(os.path.join(wd, 'skipped_records.txt')).read().splitlines() == skipped
