@@ -137,9 +137,9 @@ def read_hf_config(hf_dir):
 def token_id_problems(c, labels, tok):
   """Where an HF config's special token ids disagree with the tokenizer jaxft runs it with: the
   end of text (which jaxft appends to documents and stops generating at) and a classifier's pad
-  id (HF's head pools at the last token that is not pad_token_id; jaxft's at the last before
-  the tokenizer's padding). An id outside the vocab (GPT2Config's default 50256 in a small
-  model) stands for nothing and is not compared."""
+  id (HF's head and jaxft's read a row's last token that is not the pad id: they must agree on
+  which id that is). An id outside the vocab (GPT2Config's default 50256 in a small model)
+  stands for nothing and is not compared."""
   problems = []
   eos, pad = c.get('eos_token_id'), c.get('pad_token_id')
   if isinstance(eos, int) and 0 <= eos < c['vocab_size'] and eos != tok.eos_id:
