@@ -4,12 +4,13 @@ import sys
 from jaxft import checkpoint, config, data
 
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointMismatch,
-               checkpoint.StorageError, FileNotFoundError, FileExistsError)
+               checkpoint.StorageError, FileNotFoundError, FileExistsError,
+               FloatingPointError)  # (A non-finite loss: the run diverged, or its data.)
 
 
 def run(main):
-  """main(argv) with the user errors (bad config, data, checkpoint, storage, a missing file or an
-  output that would overwrite one) reported."""
+  """main(argv) with the user errors (bad config, data, checkpoint, storage, a missing file, an
+  output that would overwrite one, a diverged run) reported."""
   try:
     main(sys.argv[1:])
   except USER_ERRORS as e:

@@ -400,6 +400,7 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
   import torch
   from flax import nnx
   from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+  from transformers.utils import logging as hf_logging
   rng = np.random.default_rng(0)
   V, L = model_cfg.tokenizer_vocab, min(model_cfg.max_len, 24)
   real = [tid for tid in range(min(V, 1024)) if tid not in (tok.pad_id, tok.eos_id)]
@@ -419,8 +420,13 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
            'segment_ids': mask.astype(np.int32)}
   ours = np.asarray(model.logits(model.hidden(tokens, batch['positions'], batch['segment_ids'])))
   SAFE = {'use_safetensors': True, 'trust_remote_code': False}  # Never pickle, never remote code.
-  with torch.no_grad():
+  verbosity = hf_logging.get_verbosity()
+  hf_logging.set_verbosity_error()  # Its report on a classifier's score.weight is expected here.
+  try:
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **SAFE).eval()
+  finally:
+    hf_logging.set_verbosity(verbosity)
+  with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
                 attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
   diff = float(np.abs(ours[..., :V] - theirs)[mask].max())

@@ -303,7 +303,7 @@ def test_init_from_hf_loads_onto_a_mesh_and_keeps_logits(tmp_path):
   np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
 
 
-def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
+def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path, caplog):
   lm = str(tmp_path / 'lm')
   train.main(small_argv(lm, objective='labeled_pair', train__steps=3))
   assert convert.export(lm, str(tmp_path / 'lm_hf')) < 1e-4
@@ -322,6 +322,7 @@ def test_exported_demo_runs_work_in_transformers_pipelines(tmp_path):
   train.main(small_argv(cls, objective='classification', train__steps=3, mesh__data=2,
                         mesh__fsdp=2, mesh__tensor=2))
   assert convert.export(cls, str(tmp_path / 'cls_hf')) < 1e-4
+  assert 'score.weight' not in caplog.text  # The check's LM load of a classifier: no alarm.
   clf = transformers.pipeline('text-classification', model=str(tmp_path / 'cls_hf'))
   out = clf(['12+34=', '99+99=', '5-3='])
   assert all(o['label'] in ('low', 'mid', 'high') and 0 < o['score'] <= 1 for o in out)

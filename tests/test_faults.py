@@ -166,10 +166,11 @@ def poison(monkeypatch, *batch_indices):
 def test_nan_batch_stops_naming_step_and_batch_before_any_save(tmp_path, monkeypatch):
   wd = str(tmp_path / 'nan')
   poison(monkeypatch, 5)  # Batch 5 feeds step 6.
-  with pytest.raises(FloatingPointError, match=r'non-finite loss nan / grad_norm nan at step 6 '
-                     r'\(batch 5 of the train stream\); stopping without saving this state '
-                     r'\(optim.skip_nonfinite=N skips'):
-    train.main(small_argv(wd, train__steps=10, checkpoint__every=1, checkpoint__keep=20))
+  message = cli_error(small_argv(wd, train__steps=10, checkpoint__every=1, checkpoint__keep=20),
+                      monkeypatch)  # One error line: a diverging run is not a bug of jaxft's.
+  assert re.match(r'error: non-finite loss nan / grad_norm nan at step 6 \(batch 5 of the train '
+                  r'stream\); stopping without saving this state \(optim.skip_nonfinite=N skips',
+                  message), message
   assert max(ckpt_steps(wd)) == 5
 
 
