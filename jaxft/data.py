@@ -343,7 +343,7 @@ class Packer:
 
 
 def fingerprint(records):
-  """Which train records these are, as 16 hex digits of a sha256: of their content when they are
+  """Which records these are, as 16 hex digits of a sha256: of their content when they are
   in memory, of the dataset split's spec and record indices when read as drawn."""
   digest = hashlib.sha256()
   if getattr(records, 'lazy', False):

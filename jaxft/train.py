@@ -383,13 +383,20 @@ def run(cfg, workdir):
 
     mngr = checkpoint.manager(workdir, cfg.checkpoint)
     train_iter = objective.stream(records['train'], tok, cfg.data, T.batch_size, cfg.seed)
-    # Cumulative counts travel with the data position in the checkpoint.
+    # Cumulative counts travel with the data position in the checkpoint, and which held-out
+    # records the run is evaluated on (keep_best compares losses across a resume).
     totals = {'tokens': 0.0, 'supervised_tokens': 0.0, 'skipped_steps': 0.0}
+    held_out = {s: data.fingerprint(records[s]) for s in ('val', 'test')}
     if mngr.latest_step() is not None:
       changes = config_lib.resume_changes(cfg, workdir)
       state, data_state = checkpoint.restore(mngr, abstract, shardings)
       train_iter.set_state(data_state['iterator'])
       totals.update(data_state['totals'])
+      changed = [s for s, f in data_state.get('held_out', held_out).items() if held_out[s] != f]
+      if changed:
+        raise data.DataError(f'the {" and ".join(changed)} records differ from those the run was '
+                             f'evaluated on before (its checkpoint\'s fingerprint): resume with '
+                             f'the saved data, or start a new workdir with train.init_from')
       log(f'resumed from {mngr.directory}/{mngr.latest_step()}' + ''.join(
           f'; {k} {a!r} -> {b!r}' for k, a, b in changes)
           + ('; the lr schedule now ends at the new train.steps' if int(state['step']) < T.steps
@@ -442,7 +449,8 @@ def run(cfg, workdir):
       if cfg.checkpoint.keep_best and rank:
         metrics = {'val_loss': val['loss'] if val else
                    evaluator.loss(state['params'], 'val', T.eval_batches)}
-      checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals}, metrics)
+      checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals,
+                                    'held_out': held_out}, metrics)
 
     def record(at_step, metrics):
       """Check and log one step's metrics (blocks until that step has run)."""

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import small_argv
 from experiments.kill_resume import read_params
-from jaxft import checkpoint, config as config_lib, evaluate, train
+from jaxft import checkpoint, config as config_lib, data, evaluate, train
 
 
 def metrics(workdir):
@@ -89,6 +89,24 @@ def test_keep_best_ranks_every_save_and_init_from_names_an_unfinished_one(tmp_pa
                      r'checkpoint \(finished steps there: 2, 4, 6\)'):
     train.main(small_argv(str(tmp_path / 'ft'), train__steps=1,
                           train__init_from=os.path.join(wd, 'checkpoints', '8.orbax-checkpoint-tmp')))
+
+
+def test_resume_refuses_held_out_records_that_changed(tmp_path):
+  """keep_best compares val losses across a resume: they must be of the same records."""
+  files = {}
+  for split, n in (('train', 300), ('val', 40), ('test', 40)):
+    files[split] = tmp_path / f'{split}.jsonl'
+    files[split].write_text(''.join(json.dumps({'text': f'{split} {i} + {i % 9}'}) + '\n'
+                                    for i in range(n)))
+  argv = lambda steps: small_argv(str(tmp_path / 'run'), data__source='files', train__steps=steps,
+                                  checkpoint__every=2, **{f'data__{s}': str(f)
+                                                          for s, f in files.items()})
+  train.main(argv(2))
+  with open(files['val'], 'a') as f:
+    f.write(json.dumps({'text': 'one more'}) + '\n')
+  with pytest.raises(data.DataError, match=r'the val records differ from those the run was '
+                     r'evaluated on before'):
+    train.main(argv(4))
 
 
 def test_processes_must_split_the_batch_rows(monkeypatch):
