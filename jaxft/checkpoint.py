@@ -140,15 +140,17 @@ def restore(mngr, abstract_state, shardings, step=None):
   compared the config with the run's: a checkpoint that does not fit it then is damaged, or was
   written with another optimizer layout, and the error says which earlier step would resume."""
   step = mngr.latest_step() if step is None else step
-  others = sorted(s for s in mngr.all_steps() if s != step)
-  hint = (f'\nIf the config is the run\'s own, checkpoint {step} may be damaged (a file lost or '
-          f'cut): move {mngr.directory}/{step} aside to resume from ' +
-          (f'step {others[-1]}' if others else 'scratch'))
+
+  def hint():  # (Only on failure: listing the steps is a round trip on remote storage.)
+    others = sorted(s for s in mngr.all_steps() if s != step)
+    return (f'\nIf the config is the run\'s own, checkpoint {step} may be damaged (a file lost '
+            f'or cut): move {mngr.directory}/{step} aside to resume from ' +
+            (f'step {others[-1]}' if others else 'scratch'))
   rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
   try:
     check_params(mngr.directory / str(step) / 'params', abstract_state['params'])
   except CheckpointMismatch as e:
-    raise CheckpointMismatch(f'{e}{hint}') from None
+    raise CheckpointMismatch(f'{e}{hint()}') from None
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(abstract_state['params'], shardings['params'])),
@@ -159,7 +161,7 @@ def restore(mngr, abstract_state, shardings, step=None):
         f'checkpoint {mngr.directory}/{step} could not be restored: its optimizer state does not '
         f'fit this config\'s optimizer (was optim.clip_norm or train.trainable changed? resume '
         f'with the saved config.json, or start a new workdir with train.init_from), or a file of '
-        f'it is damaged: {type(e).__name__}: {str(e).strip().splitlines()[0]}{hint}') from e
+        f'it is damaged: {type(e).__name__}: {str(e).strip().splitlines()[0]}{hint()}') from e
   return {'params': out.params, **out.train}, out.data
 
 

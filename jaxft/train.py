@@ -442,11 +442,11 @@ def run(cfg, workdir):
       final[split] = result
       return result
 
-    def save(val=None, rank=True):
-      """Checkpoint the state; keep_best ranks it by the val loss of train.eval_batches batches
-      (`val`'s where that was just measured so)."""
+    def save(val=None, measure=True):
+      """Checkpoint the state; keep_best ranks it by the val loss of train.eval_batches batches:
+      `val`'s where that was just measured so, else measured now unless not to `measure`."""
       metrics = None
-      if cfg.checkpoint.keep_best and rank:
+      if cfg.checkpoint.keep_best and (val or measure):
         metrics = {'val_loss': val['loss'] if val else
                    evaluator.loss(state['params'], 'val', T.eval_batches)}
       checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals,
@@ -506,7 +506,7 @@ def run(cfg, workdir):
           break  # The final evaluation and checkpoint follow the loop.
         val = run_eval('val', T.eval_batches) if evaluate_now else None
         if save_now:  # (A preemption save is not ranked: its grace time is better spent writing.)
-          save(val, rank=not stopping or evaluate_now)
+          save(val, measure=not stopping)
         if stopping:
           checkpoint.wait(mngr)  # Saved means on disk: a second notice may kill us after this.
           log(f'{preempted.what}: saved step {step}, exiting; rerun the same command to resume')
