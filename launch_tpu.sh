@@ -89,10 +89,15 @@ if [[ -z $skip_create ]]; then
   if [[ -n $queued ]]; then
     gcloud_ compute tpus queued-resources create "$name" --node-id="$name" "${common[@]}" \
       --accelerator-type="$accelerator" --runtime-version="$version" ${spot:+--spot}
-    until [[ -n $dry_run ]] || [[ $(gcloud compute tpus queued-resources describe "$name" \
-        "${common[@]}" --format='value(state.state)') == ACTIVE ]]; do
-      echo "waiting for queued resource $name to become ACTIVE ..."; sleep 30
-    done
+    state() { gcloud_ compute tpus queued-resources describe "$name" "${common[@]}" \
+      --format='value(state.state)'; }
+    if [[ -n $dry_run ]]; then
+      state; echo '# (repeated every 30 s until it prints ACTIVE)'
+    else
+      until [[ $(state) == ACTIVE ]]; do
+        echo "waiting for queued resource $name to become ACTIVE ..."; sleep 30
+      done
+    fi
   else
     gcloud_ compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type="$accelerator" \
       --version="$version" ${spot:+--spot}

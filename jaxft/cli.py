@@ -1,4 +1,5 @@
-"""Command-line entry points: a user's mistake ends in one `error: ...` line, a bug in a traceback."""
+"""Command-line entry points: a user's mistake ends in one `error: ...` line, a bug in a traceback,
+Ctrl-C in one line (status 130)."""
 import sys
 
 from jaxft import checkpoint, config, data
@@ -15,3 +16,6 @@ def run(main):
     main(sys.argv[1:])
   except USER_ERRORS as e:
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt:  # (In jaxft.train the second Ctrl-C: the first one saves and exits.)
+    print('interrupted (Ctrl-C)', file=sys.stderr)
+    sys.exit(130)  # 128 + SIGINT, as a shell reports it.

@@ -182,28 +182,39 @@ class Progress:
 
 class Preemption:
   """preempted(step): stop at this step? SIGTERM (preemption, scancel, some launchers' Ctrl-C)
-  asks for a checkpoint at the next step and a clean exit. With several processes they must all
-  stop at the same step, so JAX's preemption sync (which hears the notice, SIGTERM by default, on
-  any process) decides; alone, a SIGTERM handler does."""
+  asks for a checkpoint at the next step and a clean exit; alone, so does a first Ctrl-C (a
+  second one stops at once, without saving). With several processes they must all stop at the
+  same step, so JAX's preemption sync (which hears the notice, SIGTERM by default, on any
+  process) decides, and Ctrl-C interrupts as usual."""
 
   def __init__(self):
     self.shared = jax.process_count() > 1
-    self.what = 'preemption notice' if self.shared else 'SIGTERM'
+    self.what = 'preemption notice' if self.shared else None  # Which notice came first.
+    self.ctrl_c = False
     if not self.shared:
-      self.notices = []
-      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.notices.append(True))
+      self.previous = {s: signal.signal(s, self.notice) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def notice(self, signum, frame):
+    if signum == signal.SIGINT:
+      if self.ctrl_c:
+        raise KeyboardInterrupt
+      self.ctrl_c = True
+      log('Ctrl-C: saving a checkpoint at the next step, then exiting (Ctrl-C again: stop now, '
+          'unsaved)')
+    self.what = self.what or ('Ctrl-C' if signum == signal.SIGINT else 'SIGTERM')
 
   def __call__(self, step):
     if self.shared:
       return multihost_utils.reached_preemption_sync_point(step)
-    return bool(self.notices)
+    return self.what is not None
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):  # After the last checkpoint wait: a second SIGTERM must not cut it.
     if not self.shared:
-      signal.signal(signal.SIGTERM, self.previous)
+      for s, handler in self.previous.items():
+        signal.signal(s, handler)
 
 
 def summary(metrics):

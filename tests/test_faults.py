@@ -69,14 +69,14 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, root):
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert f'resumed from {wd}/checkpoints/{step}' in rerun.stdout
   assert max(ckpt_steps(wd)) == step + 2
-  # A notice during set-up (here: just after the restore) is kept for the first step, and
+  # A notice during set-up (here a Ctrl-C just after the restore) is kept for the first step, and
   # "saved" means on disk: a SIGKILL the moment that line appears leaves the checkpoint whole.
   proc = subprocess.Popen([*cmd, *small_argv(wd, train__steps=100000, checkpoint__every=1000)],
                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:
     if 'resumed from' in line:
-      proc.send_signal(signal.SIGTERM)
-    if 'SIGTERM: saved step' in line:
+      proc.send_signal(signal.SIGINT)
+    if 'Ctrl-C: saved step' in line:
       proc.kill()
       break
   else:
@@ -85,6 +85,19 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, root):
   saved = int(re.search(r'saved step (\d+)', line).group(1))
   assert saved == step + 3 and saved in ckpt_steps(wd)
   assert not glob.glob(os.path.join(wd, 'checkpoints', '*tmp*'))
+
+
+def test_a_second_ctrl_c_interrupts_and_the_handlers_are_restored():
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with train.Preemption() as preempted:
+    assert not preempted(1)
+    os.kill(os.getpid(), signal.SIGINT)  # The first: a checkpoint at the next step, then exit.
+    assert preempted(2) and preempted.what == 'Ctrl-C'
+    os.kill(os.getpid(), signal.SIGTERM)  # Still the Ctrl-C's stop (and no interrupt).
+    assert preempted.what == 'Ctrl-C'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_a_damaged_newest_checkpoint_names_the_step_to_resume_from(tmp_path, monkeypatch):

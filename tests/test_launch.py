@@ -83,9 +83,10 @@ def test_dry_run_prints_every_command_and_runs_none(fake_gcloud):
   run, calls = fake_gcloud('--name', 'pod', '--zone', 'z', '--accelerator', 'v4-32', '--queued',
                            '--repo', 'r', '--ref', 'main', '--delete', '--dry-run', '--', *TRAIN)
   assert run.returncode == 0, run.stderr
-  assert calls == []
+  assert calls == [] and '# (repeated every 30 s until it prints ACTIVE)' in run.stdout
   printed = [shlex.split(l)[1:] for l in run.stdout.splitlines() if l.startswith('gcloud ')]
-  assert [p[:4] for p in printed] == [['compute', 'tpus', 'queued-resources', 'create']] + \
+  assert [p[:4] for p in printed] == [['compute', 'tpus', 'queued-resources', 'create'],
+                                     ['compute', 'tpus', 'queued-resources', 'describe']] + \
       [['compute', 'tpus', 'tpu-vm', 'ssh']] * 3 + [['compute', 'tpus', 'queued-resources', 'delete']]
 
 
