@@ -101,6 +101,9 @@ def run_one(config, name, cell, seed, sets, out, eval_as):
       done = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
       raise RuntimeError(f'{workdir}: training failed (exit {done.returncode}), see {log_path}')
+    if not os.path.isfile(os.path.join(workdir, 'summary.json')):  # Saved and stopped early.
+      raise RuntimeError(f'{workdir}: training stopped before its last step (SIGTERM or Ctrl-C), '
+                         f'see {log_path}; rerun the same command to resume')
   if os.path.isfile(os.path.join(workdir, 'run.json')):
     with open(os.path.join(workdir, 'run.json')) as f:
       if f'as_{eval_as}' in json.load(f):  # Else scored as another objective now: redo the record.
@@ -139,11 +142,20 @@ def main(argv):
   runs = expand(args.sweep, args.seeds)
   print(f'{len(runs)} runs ({len(runs) // args.seeds} cells x {args.seeds} seeds) -> {args.out}',
         flush=True)
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+  pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+  try:
     futures = [pool.submit(run_one, args.config, name, cell, seed, args.sets, args.out,
                            args.eval_as) for name, cell, seed in runs]
     for fut in concurrent.futures.as_completed(futures):
       print(f'done {os.path.relpath(fut.result(), args.out)}', flush=True)
+  except KeyboardInterrupt:
+    # The runs in progress got the Ctrl-C too (one process group): each saves and exits. The
+    # queued ones are not started.
+    pool.shutdown(cancel_futures=True)
+    sys.exit('interrupted: the runs in progress saved a checkpoint; rerun the same command to '
+             'resume the sweep')
+  finally:
+    pool.shutdown()
   print(report.write(args.out, [k for k, _ in args.sweep]))
 
 

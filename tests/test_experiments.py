@@ -3,8 +3,10 @@ tiny sweep."""
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -85,6 +87,27 @@ def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypa
                      r"\(optim\.lr: 0\.002 there, 0\.01 now; train\.steps: 400 there, 8 now\)"):
     ablate.run_one('configs/demo.py', 'cell', {'optim.lr': '0.01'}, 0, sets + ['train.steps=8'],
                    str(tmp_path), None)
+
+
+def test_ctrl_c_stops_the_sweep_and_a_run_stopped_early_is_named(tmp_path, monkeypatch):
+  started = []
+
+  def run_one(config, name, *rest):  # As the run that gets the Ctrl-C (with the whole group).
+    started.append(name)
+    os.kill(os.getpid(), signal.SIGINT)  # Raised in the main thread, waiting on the runs.
+    time.sleep(0.5)
+    return os.path.join(str(tmp_path), name)
+  monkeypatch.setattr(ablate, 'run_one', run_one)
+  with pytest.raises(SystemExit, match='interrupted: the runs in progress saved a checkpoint'):
+    ablate.main(['--config=configs/demo.py', '--sweep', 'optim.lr=1e-3,3e-4', '--out',
+                 str(tmp_path)])
+  assert started == ['optim.lr=1e-3']  # The queued run never started.
+  # A run that saved and exited 0 before its last step (its summary.json not written).
+  monkeypatch.undo()
+  monkeypatch.setattr(ablate.subprocess, 'run', lambda *a, **k: subprocess.CompletedProcess(a, 0))
+  with pytest.raises(RuntimeError, match=r'cell/seed_0: training stopped before its last step '
+                     r'\(SIGTERM or Ctrl-C\), see .*train\.log; rerun the same command'):
+    ablate.run_one('configs/demo.py', 'cell', {}, 0, [], str(tmp_path), None)
 
 
 def test_tiny_real_sweep_end_to_end(tmp_path, capsys):
