@@ -1,13 +1,24 @@
 """8 fake CPU devices for every test (set before jax is imported), and small-config helpers."""
+import atexit
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 # The CPU only, here and in the tests' subprocesses: the `aot` extra's GPU and TPU plugins (for
 # jaxft.bench --target) would otherwise look for their devices.
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# One XLA compilation cache for the session, this process and its subprocesses (empty at the
+# start, removed at the end): the many small runs compile the same programs (the init, train
+# and eval steps of one config) again and again, the subprocesses' most of all (the SIGKILL
+# test's five resumes: 99 -> 57 s). A compiled program read back is the program compiled.
+_CACHE = tempfile.mkdtemp(prefix='jaxft-test-xla-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
