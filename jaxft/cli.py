@@ -1,5 +1,6 @@
 """Command-line entry points: a user's mistake ends in one `error: ...` line, a bug in a traceback,
 Ctrl-C in one line (status 130)."""
+import os
 import sys
 
 from jaxft import checkpoint, config, data
@@ -17,5 +18,9 @@ def run(main):
   except USER_ERRORS as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:  # (In jaxft.train the second Ctrl-C: the first one saves and exits.)
-    print('interrupted (Ctrl-C)', file=sys.stderr)
-    sys.exit(130)  # 128 + SIGINT, as a shell reports it.
+    print('interrupted (Ctrl-C)', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # 128 + SIGINT, as a shell reports it. Without the interpreter's shutdown: the run's own
+    # clean-up has run (its `finally`s), and work XLA still has in flight (an interrupted
+    # compile or init) made that shutdown segfault.
+    os._exit(130)

@@ -4,6 +4,7 @@
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
+import contextlib
 import ctypes
 import json
 import platform
@@ -371,7 +372,9 @@ def setup(cfg, tok, objective, mesh):
 
 def run(cfg, workdir):
   """Train per `cfg` in `workdir` (resuming if it holds a checkpoint). Returns the final state."""
-  with Preemption() as preempted:  # From the start: a notice during set-up is kept too.
+  # From the start: a notice during set-up is kept too. `closing` closes the checkpoint manager
+  # however the run ends (an error or interrupt in set-up too), before the handlers go back.
+  with Preemption() as preempted, contextlib.ExitStack() as closing:
     mesh = sharding.make_mesh(cfg.mesh)
     log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, '
         f'{jax.process_count()} process(es)')
@@ -392,7 +395,7 @@ def run(cfg, workdir):
     checkpoint.check_storage(workdir, sum(x.size * x.dtype.itemsize
                                           for x in jax.tree.leaves(abstract)))
 
-    mngr = checkpoint.manager(workdir, cfg.checkpoint)
+    mngr = closing.enter_context(checkpoint.manager(workdir, cfg.checkpoint))
     train_iter = objective.stream(records['train'], tok, cfg.data, T.batch_size, cfg.seed)
     # Cumulative counts travel with the data position in the checkpoint, and which held-out
     # records the run is evaluated on (keep_best compares losses across a resume).
@@ -421,12 +424,10 @@ def run(cfg, workdir):
                                       workdir, tok, label_names)
     step = int(state['step'])
     if step > T.steps:
-      mngr.close()
       raise config_lib.ConfigError(f'train.steps={T.steps} is below the step of {workdir}\'s '
                                    f'checkpoint, {step}: give train.steps >= {step}')
     if step == T.steps and (epath.Path(workdir) / 'summary.json').exists():
       log(f'{workdir} already holds the final step {step}; nothing to do')
-      mngr.close()
       return state
     # Written only now that the config has proven it fits the workdir's checkpoint and there is
     # something to train: a bad rerun must not overwrite the record of what was trained.
@@ -538,7 +539,6 @@ def run(cfg, workdir):
       progress.close()
       metrics_log.close()
       checkpoint.wait(mngr)
-      mngr.close()
     return state
 
 

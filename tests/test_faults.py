@@ -17,7 +17,7 @@ import pytest
 
 from conftest import SMALL, cli_error, small_argv, snapshot
 from experiments import kill_resume
-from jaxft import data, train
+from jaxft import cli, data, train
 
 
 def ckpt_steps(workdir):
@@ -87,7 +87,7 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, root):
   assert not glob.glob(os.path.join(wd, 'checkpoints', '*tmp*'))
 
 
-def test_a_second_ctrl_c_interrupts_and_the_handlers_are_restored():
+def test_a_second_ctrl_c_interrupts_and_the_handlers_are_restored(monkeypatch, capsys):
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   with train.Preemption() as preempted:
     assert not preempted(1)
@@ -98,6 +98,13 @@ def test_a_second_ctrl_c_interrupts_and_the_handlers_are_restored():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  # The command line turns it into one line and status 130, skipping the interpreter's shutdown.
+  def interrupted(argv):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(cli.os, '_exit', lambda code: pytest.fail(f'exit {code}', pytrace=False))
+  with pytest.raises(pytest.fail.Exception, match='^exit 130$'):
+    cli.run(interrupted)
+  assert capsys.readouterr().err == 'interrupted (Ctrl-C)\n'
 
 
 def test_a_damaged_newest_checkpoint_names_the_step_to_resume_from(tmp_path, monkeypatch):
