@@ -13,6 +13,8 @@ import jax
 import ml_collections
 from etils import epath
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry as handler_registry
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxft import model
@@ -35,8 +37,11 @@ def manager(workdir, ckpt_cfg):
   # replica-parallel save, cuts it into a slice per replica instead, and every slice is a
   # program compiled per array shape and device: the first save of a 2-layer model on 8 devices
   # compiled 240 of them (20 s). It pays off only across processes, which split the writing.
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      use_replica_parallel=jax.process_count() > 1), override=True)
+  # (orbax 0.12 has no public switch: this is its default handler with that one setting, put in
+  # its place without the warning register_type_handler logs for every override.)
+  handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=jax.process_count() > 1,
+      array_metadata_store=array_metadata_store.Store()), override=True, ignore_warnings=True)
   return ocp.CheckpointManager(absolute(workdir) / 'checkpoints', options=options)
 
 

@@ -7,6 +7,7 @@ Rerunning the same command resumes from the newest checkpoint in the workdir.
 import contextlib
 import ctypes
 import json
+import math
 import platform
 import re
 import signal
@@ -456,11 +457,12 @@ def run(cfg, workdir):
 
     def save(val=None, measure=True):
       """Checkpoint the state; keep_best ranks it by the val loss of train.eval_batches batches:
-      `val`'s where that was just measured so, else measured now unless not to `measure`."""
+      `val`'s where that was just measured so, else measured now unless not to `measure` (then
+      it ranks last)."""
       metrics = None
-      if cfg.checkpoint.keep_best and (val or measure):
+      if cfg.checkpoint.keep_best:
         metrics = {'val_loss': val['loss'] if val else
-                   evaluator.loss(state['params'], 'val', T.eval_batches)}
+                   evaluator.loss(state['params'], 'val', T.eval_batches) if measure else math.inf}
       checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals,
                                     'held_out': held_out}, metrics)
 
@@ -517,7 +519,7 @@ def run(cfg, workdir):
         if step == T.steps:
           break  # The final evaluation and checkpoint follow the loop.
         val = run_eval('val', T.eval_batches) if evaluate_now else None
-        if save_now:  # (A preemption save is not ranked: its grace time is better spent writing.)
+        if save_now:  # (A preemption save ranks last: its grace time is better spent writing.)
           save(val, measure=not stopping)
         if stopping:
           checkpoint.wait(mngr)  # Saved means on disk: a second notice may kill us after this.

@@ -64,6 +64,8 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, root):
   assert proc.returncode == 0, out
   [step] = ckpt_steps(wd)
   assert 3 <= step < 1000 and f'SIGTERM: saved step {step}, exiting' in out
+  # No orbax warning: of a keep_best save without metrics, or of jaxft's array handler.
+  assert 'did not provide metrics' not in out and 'overriding' not in out, out
   rerun = subprocess.run([*cmd, *small_argv(wd, train__steps=step + 2)], cwd=root,
                          capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
