@@ -68,7 +68,7 @@ def get_config(arg=None):
   # tfds:<name>[/<config>][:<split>] (extra [tfds]) or hf:<hub name or dir>[:<split>] (extra
   # [datasets]); the split defaults to train / validation / test.
   c.data.val = ''  # Empty: hold out val_fraction of the train records.
-  c.data.test = ''  # Empty: hold out test_fraction of the train records.
+  c.data.test = ''  # Empty: hold out test_fraction of the train records left after val.
   c.data.tfds_data_dir = ''  # tfds: where the prepared datasets are ('' = TFDS's default).
   c.data.hf_name = ''  # hf: the dataset's config name, e.g. 'sst2' of 'nyu-mll/glue'.
   c.data.val_fraction = 0.05

@@ -176,6 +176,16 @@ def restore(mngr, abstract_state, shardings, step=None):
   return {'params': out.params, **out.train}, out.data
 
 
+def read_only(directory):
+  """A manager that reads the checkpoints in `directory` and writes nothing there."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def saved_data(mngr, step):
+  """The data state saved with `step` (the train position, fingerprints), read alone."""
+  return mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
+
 def resolve(path):
   """A workdir, its checkpoints/ dir or one step dir -> (checkpoints dir, step)."""
   path = absolute(path)
@@ -217,7 +227,7 @@ def restore_params(path, params, shardings, new_ok):
       for part in key.split('/'):
         node = node.setdefault(part, {})
       node['value'] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat_shardings[key])
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+  with read_only(directory) as m:
     out = m.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))

@@ -108,17 +108,21 @@ AT_LEAST = {1: ('train.steps', 'train.batch_size', 'train.grad_accum', 'train.lo
                 'model.vocab_size', 'model.attention_block'),
             0: ('train.eval_batches', 'train.exact_match_examples', 'optim.lr',
                 'optim.warmup_steps', 'optim.skip_nonfinite', 'optim.clip_norm',
-                'optim.weight_decay', 'data.num_labels', 'model.dropout', 'model.loss_chunk')}
+                'optim.weight_decay', 'data.num_labels', 'model.dropout', 'model.loss_chunk',
+                'data.val_fraction', 'data.test_fraction')}
+# Fractions: below this.
+BELOW = {1: ('model.dropout', 'data.val_fraction', 'data.test_fraction')}
 
 
 def check(cfg):
-  """Refuse a value out of its range (AT_LEAST), naming the key. (A run's config.json from an
-  older jaxft may lack a key; None is a placeholder's 'unset'.)"""
+  """Refuse a value out of its range (AT_LEAST, BELOW), naming the key. (A run's config.json
+  from an older jaxft may lack a key; None is a placeholder's 'unset'.)"""
   values = flatten(cfg)
-  for least, keys in AT_LEAST.items():
-    for key in keys:
-      if values.get(key) is not None and values[key] < least:
-        raise ConfigError(f'config key {key!r} is {values[key]!r}; it must be >= {least}')
+  for bounds, out, say in ((AT_LEAST, lambda v, b: v < b, '>='), (BELOW, lambda v, b: v >= b, '<')):
+    for bound, keys in bounds.items():
+      for key in keys:
+        if values.get(key) is not None and out(values[key], bound):
+          raise ConfigError(f'config key {key!r} is {values[key]!r}; it must be {say} {bound}')
 
 
 USAGE = '--config=FILE[:variant] [--config.key=value ...] [--workdir=DIR]'

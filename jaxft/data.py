@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import zlib
 
 import jax
@@ -152,20 +153,25 @@ def _txt(path, on_error, skipped):
 READERS = {'.jsonl': _jsonl, '.jsonl.gz': _jsonl, '.csv': _table, '.tsv': _table, '.txt': _txt}
 
 
-def read_records(pattern, on_error='raise'):
-  """Records from the files matching `pattern`: .jsonl / .jsonl.gz (a JSON object per line),
-  .csv / .tsv (a header line, then a record per row) or .txt (one file = one {'text'} record).
-  Bad records stop the read naming file:line, or with on_error='skip' are left out and listed in
-  the result's `skipped`."""
-  if '://' in pattern:  # Remote (gs://...): wildcards in the file name only.
+def _files(pattern):
+  """The files matching `pattern`, sorted (remote ones, gs://...: wildcards in the name only)."""
+  if '://' in pattern:
     directory, _, name = pattern.rpartition('/')
     files = sorted(str(p) for p in epath.Path(directory).glob(name))
   else:
     files = sorted(glob.glob(pattern))
   if not files:
     raise DataError(f'no data file matches {pattern!r}')
+  return files
+
+
+def read_records(pattern, on_error='raise'):
+  """Records from the files matching `pattern`: .jsonl / .jsonl.gz (a JSON object per line),
+  .csv / .tsv (a header line, then a record per row) or .txt (one file = one {'text'} record).
+  Bad records stop the read naming file:line, or with on_error='skip' are left out and listed in
+  the result's `skipped`."""
   records = Records()
-  for path in files:
+  for path in _files(pattern):
     reader = next((r for ext, r in READERS.items() if path.endswith(ext)), None)
     if reader is None:
       raise DataError(f'{path}: unsupported file type (use {", ".join(READERS)})')
@@ -267,6 +273,35 @@ def read_split(spec, split, data_cfg):
   return SourceRecords(source, f'{kind}:{name}:{split}')
 
 
+def _origins(spec, split, data_cfg):
+  """What data.train / val / test `spec` reads: its files' real paths, or '<kind>:<name>:<split>'
+  (a local dir by its real path; one saved HF Dataset is read whole, whatever the split)."""
+  kind, _, rest = spec.partition(':')
+  if kind not in SOURCES or not rest:
+    return {f if '://' in f else os.path.realpath(f) for f in _files(spec)}
+  name, _, given = rest.partition(':')
+  if kind == 'hf' and os.path.isdir(name):
+    name = os.path.realpath(name)
+    if os.path.isfile(os.path.join(name, 'state.json')):
+      return {f'hf:{name}'}
+  return {f'{kind}:{name}:{given or split}'}
+
+
+def _check_disjoint(data_cfg):
+  """Refuse a held-out split that reads data another split reads (a glob over the val file, the
+  same file by two names, one saved Dataset twice): its figures would be measured on train data."""
+  given = [(k, s) for k, s in (('train', 'train'), ('val', 'validation'), ('test', 'test'))
+           if data_cfg[k]]
+  origins = {k: _origins(data_cfg[k], s, data_cfg) for k, s in given}
+  for i, (a, _) in enumerate(given):
+    for b, _ in given[i + 1:]:
+      if shared := sorted(origins[a] & origins[b]):
+        raise DataError(
+            f'data.{a}={data_cfg[a]!r} and data.{b}={data_cfg[b]!r} both read '
+            f'{", ".join(shared[:3])}{" ..." if len(shared) > 3 else ""}: held-out records must '
+            f'be others (or leave data.{b} empty to hold out data.{b}_fraction of data.train)')
+
+
 def load_splits(data_cfg, seed):
   """{'train', 'val', 'test'} -> Records, from files / datasets or the demo generator."""
   if data_cfg.source == 'demo':
@@ -281,15 +316,9 @@ def load_splits(data_cfg, seed):
   if not data_cfg.train:
     raise DataError('data.train is empty: give a data file or glob, tfds:<name> or hf:<name> '
                     '(or data.source=demo)')
+  _check_disjoint(data_cfg)
   splits = {'train': read_split(data_cfg.train, 'train', data_cfg)}
-  # A dataset's spec with its split as read_split defaults it: what two specs are the same data.
-  full = lambda spec, split: spec if spec.partition(':')[0] not in SOURCES or \
-      spec.count(':') > 1 else f'{spec}:{split}'
   for offset, (name, split) in enumerate((('val', 'validation'), ('test', 'test')), 1):
-    if data_cfg[name] and full(data_cfg[name], split) == full(data_cfg.train, 'train'):
-      raise DataError(f'data.{name} and data.train are both {data_cfg.train!r}: held-out '
-                      f'records must be others (or leave data.{name} empty to hold out '
-                      f'data.{name}_fraction of data.train)')
     if data_cfg[name]:
       splits[name] = read_split(data_cfg[name], split, data_cfg)
     else:

@@ -399,7 +399,10 @@ def baselines(objective, train_records, eval_records, eval_examples, tok, data_c
   logp = np.log(counts / counts.sum())
   out = {'unigram_loss': float(-logp[supervised(eval_examples)].mean())}
   if objective.name == 'labeled_pair':
-    completion = lambda rec, where: tuple(prompt_completion_ids(rec, where, tok, data_cfg)[1])
-    best = collections.Counter(completion(*r) for r in train_records).most_common(1)[0][0]
-    out['constant_exact_match'] = float(np.mean([completion(*r) == best for r in eval_records]))
+    def completions(records):  # A bad record is left out here as from training (on_error).
+      for rec, where in records:
+        with data.bad_records(data_cfg.on_error, []):
+          yield tuple(prompt_completion_ids(rec, where, tok, data_cfg)[1])
+    best = collections.Counter(completions(train_records)).most_common(1)[0][0]
+    out['constant_exact_match'] = float(np.mean([c == best for c in completions(eval_records)]))
   return out

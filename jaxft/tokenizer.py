@@ -8,6 +8,8 @@
 The HF paths need the `hf` extra (transformers, tokenizers).
 """
 import argparse
+import hashlib
+import json
 import os
 
 from jaxft.config import ConfigError
@@ -66,10 +68,12 @@ PROBE = ('The quick brown fox jumps over the lazy dog; 0123456789 +-*/= (x**2) c
          '\tdef f(self): return [1, 2] # The end of a sentence. And another one, then a question?')
 
 
-def same_encoding(a, b):
-  """Whether tokenizers `a` and `b` give the same ids (text and EOS): embeddings trained with one
-  mean the same tokens under the other."""
-  return a.spec == b.spec or (a.encode(PROBE), a.eos_id) == (b.encode(PROBE), b.eos_id)
+def fingerprint(tok):
+  """A digest of the ids `tok` gives PROBE and its EOS: two tokenizers of one fingerprint encode
+  text alike, so embeddings trained with one mean the same tokens under the other. Saved with
+  each checkpoint: a tokenizer retrained or replaced under the same name is caught on resume."""
+  ids = json.dumps([tok.encode(PROBE), tok.eos_id]).encode()
+  return hashlib.sha256(ids).hexdigest()[:16]
 
 
 def build(name):
@@ -114,9 +118,9 @@ def train_bpe(files, vocab_size, out, field='text'):
   """Train a byte-level BPE (GPT-2 style) on the `field` of .jsonl records or .txt files and save
   it as an HF tokenizer directory (usable as tokenizer='hf:<out>')."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from jaxft import data
+  from jaxft import data, objectives
   records = [r for pattern in files for r in data.read_records(pattern)]
-  texts = (data.field(rec, field, where) for rec, where in records)
+  texts = (objectives.string_field(rec, field, where) for rec, where in records)
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -136,9 +140,14 @@ def main(argv):
   t.add_argument('--field', default='text', help='JSONL field holding the text')
   t.add_argument('--vocab-size', type=int, required=True)
   t.add_argument('--out', required=True, help='directory for the HF tokenizer files')
+  t.add_argument('--force', action='store_true', help='replace a tokenizer already in --out')
   args = parser.parse_args(argv)
   if args.vocab_size <= 257:  # The 256 bytes and EOS come first; merges only above them.
     raise ConfigError(f'--vocab-size {args.vocab_size}: must be above 257 (256 bytes + EOS)')
+  held = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(args.out, f))]
+  if held and not args.force:  # Runs trained with it would resume with other ids (refused).
+    raise FileExistsError(f'--out {args.out} already holds a tokenizer ({", ".join(held)}): '
+                          f'give another directory, or --force to replace it')
   n, vocab = train_bpe(args.input, args.vocab_size, args.out, args.field)
   print(f'trained a {vocab}-token byte-level BPE on {n} records -> {os.path.abspath(args.out)} '
         f"(use tokenizer='hf:{args.out}')")

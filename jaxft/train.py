@@ -289,23 +289,26 @@ def check_source(source, model_cfg, label_names, tok):
     hf_dir = convert.local_dir(source[3:])
     c, theirs = convert.read_hf_config(hf_dir)
     eps, their_tok = model_cfg.ln_eps, f'hf:{hf_dir}'  # (No tokenizer files: FileNotFoundError.)
-    problems = convert.token_id_problems(c, theirs, tok)
+    problems, theirs_encoding = convert.token_id_problems(c, theirs, tok), None
   else:
     try:
-      src = checkpoint.run_config(source)[0]
+      src, directory, step = checkpoint.run_config(source)
     except FileNotFoundError:  # A checkpoint without its run's config.json: nothing to compare.
       return
     theirs = objectives.labels(src.data)[1] if src.objective == 'classification' else None
     eps, their_tok = src.model.get('ln_eps', model_lib.GPTConfig.ln_eps), src.tokenizer
+    with checkpoint.read_only(directory) as m:  # What the source was trained with, if saved.
+      theirs_encoding = checkpoint.saved_data(m, step).get('tokenizer')
     problems = []
   if eps != model_cfg.ln_eps:
     problems.append(f'model.ln_eps: run {model_cfg.ln_eps} vs source {eps}')
-  try:  # (A source's tokenizer that is gone, e.g. a moved directory, cannot be compared.)
-    other = tokenizer_lib.build(their_tok)
-  except (FileNotFoundError, OSError, config_lib.ConfigError):
-    other = None
-  if other and not tokenizer_lib.same_encoding(tok, other):
-    problems.append(f'tokenizer: run {tok.spec} vs source {other.spec}, which encode text '
+  if theirs_encoding is None:  # An HF source, or a checkpoint from before the fingerprint.
+    try:  # (A source's tokenizer that is gone, e.g. a moved directory, cannot be compared.)
+      theirs_encoding = tokenizer_lib.fingerprint(tokenizer_lib.build(their_tok))
+    except (FileNotFoundError, OSError, config_lib.ConfigError):
+      pass
+  if theirs_encoding not in (None, tokenizer_lib.fingerprint(tok)):
+    problems.append(f'tokenizer: run {tok.spec} vs source {their_tok}, which encode text '
                     f'differently (the embeddings would stand for other tokens)')
   ours, theirs = placeholder_free(label_names), placeholder_free(theirs)
   if ours and theirs and ours != theirs:
@@ -402,8 +405,14 @@ def run(cfg, workdir):
     # records the run is evaluated on (keep_best compares losses across a resume).
     totals = {'tokens': 0.0, 'supervised_tokens': 0.0, 'skipped_steps': 0.0}
     held_out = {s: data.fingerprint(records[s]) for s in ('val', 'test')}
+    encoding = tokenizer_lib.fingerprint(tok)
     if mngr.latest_step() is not None:
       changes = config_lib.resume_changes(cfg, workdir)
+      if checkpoint.saved_data(mngr, mngr.latest_step()).get('tokenizer', encoding) != encoding:
+        raise checkpoint.CheckpointMismatch(
+            f'tokenizer={cfg.tokenizer!r} encodes text differently from the tokenizer {workdir} '
+            f'was trained with (its checkpoint\'s fingerprint): was it retrained or replaced? '
+            f'Resume with that one, or start a new workdir (train.init_from to keep the params)')
       state, data_state = checkpoint.restore(mngr, abstract, shardings)
       train_iter.set_state(data_state['iterator'])
       totals.update(data_state['totals'])
@@ -464,7 +473,7 @@ def run(cfg, workdir):
         metrics = {'val_loss': val['loss'] if val else
                    evaluator.loss(state['params'], 'val', T.eval_batches) if measure else math.inf}
       checkpoint.save(mngr, state, {'iterator': train_iter.get_state(), 'totals': totals,
-                                    'held_out': held_out}, metrics)
+                                    'held_out': held_out, 'tokenizer': encoding}, metrics)
 
     def record(at_step, metrics):
       """Check and log one step's metrics (blocks until that step has run)."""

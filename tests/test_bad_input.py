@@ -79,6 +79,9 @@ CASES = {
     'model size below its range': (
         {'model__attention_block': 0}, False,
         r"config key 'model\.attention_block' is 0; it must be >= 1"),
+    'hold-out fraction of the whole': (
+        {'data__val_fraction': 1.0}, False,
+        r"config key 'data\.val_fraction' is 1\.0; it must be < 1"),
     'unknown compute dtype': (
         {'model__dtype': 'bf16'}, False,
         r"unknown model\.dtype 'bf16'; known: float32, bfloat16, float16"),

@@ -404,3 +404,23 @@ def test_tokenizer_train_cli_makes_a_usable_hf_tokenizer(tmp_path):
                           train__steps=1, train__init_from=pre))
   train.main(small_argv(str(tmp_path / 'b'), tokenizer=f'hf:{tmp_path / "tok_copy"}',
                         train__steps=1, train__init_from=pre))
+  # Retrained in place (asked twice): the name is the same, the ids are not. The checkpoints
+  # know what they were trained with: neither a resume nor an init_from takes the new one.
+  retrain = ['train', '--input', str(other), '--field', 'body', '--vocab-size', '290', '--out',
+             str(tmp_path / 'tok')]
+  with pytest.raises(FileExistsError, match=rf'--out {tmp_path}/tok already holds a tokenizer '
+                     r'\(tokenizer.json\): give another directory, or --force'):
+    tokenizer.main(retrain)
+  assert tokenizer.build(f'hf:{tmp_path / "tok"}').encode('the cat') == tok.encode('the cat')
+  tokenizer.main(retrain + ['--force'])
+  with pytest.raises(checkpoint.CheckpointMismatch, match=rf"tokenizer='hf:{tmp_path}/tok' "
+                     rf'encodes text differently from the tokenizer {pre} was trained with'):
+    train.main(small_argv(pre, tokenizer=f'hf:{tmp_path / "tok"}', train__steps=2))
+  with pytest.raises(checkpoint.CheckpointMismatch, match=rf'tokenizer: run hf:{tmp_path}/tok vs '
+                     rf'source hf:{tmp_path}/tok, which encode text differently'):
+    train.main(small_argv(str(tmp_path / 'c'), tokenizer=f'hf:{tmp_path / "tok"}',
+                          train__steps=1, train__init_from=pre))
+  other.write_text(json.dumps({'body': 7}) + '\n')
+  with pytest.raises(data.RecordError, match=rf"{other}:1: field 'body' must be a string, got int"):
+    tokenizer.main(['train', '--input', str(other), '--field', 'body', '--vocab-size', '290',
+                    '--out', str(tmp_path / 'tok3')])

@@ -128,6 +128,24 @@ def test_holdout_splits_are_disjoint_and_seeded(tmp_path):
   assert names != {k: [r['text'] for r, _ in v] for k, v in data.load_splits(cfg.data, 1).items()}
 
 
+def test_held_out_splits_that_read_train_data_are_refused(tmp_path):
+  """A val file inside the train glob, or one file named two ways, would be measured on data the
+  model trained on (or val and test on the same): refused, naming both specs and the file."""
+  (tmp_path / 'd').mkdir()
+  rows = lambda a, b: [json.dumps({'text': f'doc {i}'}) for i in range(a, b)]
+  train_f, val_f = write(tmp_path / 'd' / 'train.jsonl', rows(0, 50)), write(
+      tmp_path / 'd' / 'val.jsonl', rows(50, 60))
+  splits = lambda **given: data.load_splits(small_config(data__source='files', **given).data, 0)
+  with pytest.raises(data.DataError, match=rf"data.train='{tmp_path}/d/\*.jsonl' and "
+                     rf"data.val='{val_f}' both read {val_f}: held-out records must be others"):
+    splits(data__train=str(tmp_path / 'd' / '*.jsonl'), data__val=val_f)
+  with pytest.raises(data.DataError, match=rf"data.val='{val_f}' and "
+                     rf"data.test='{tmp_path}/d/./val.jsonl' both read {val_f}"):
+    splits(data__train=train_f, data__val=val_f, data__test=f'{tmp_path}/d/./val.jsonl')
+  got = splits(data__train=train_f, data__val=val_f)
+  assert (len(got['train']), len(got['val']), len(got['test'])) == (48, 10, 2)
+
+
 def test_demo_splits_hold_out_questions():
   parts = demo_data.splits(3000)
   train_q = {r['prompt'] for r in parts['train']}

@@ -176,6 +176,14 @@ def test_metrics_and_baselines_by_hand():
   lp = objectives.get('labeled_pair')
   assert objectives.baselines(lp, pairs, pairs[1:], lp.encode(pairs[1:], TOK, cfg), TOK, cfg)[
       'constant_exact_match'] == 0.5
+  # A bad record (a lazy dataset's, read unchecked) is left out here as from training.
+  bad = recs({'prompt': 'q', 'completion': None}, {'prompt': 'q', 'completion': None})
+  with pytest.raises(data.RecordError, match=r"field 'completion' must be a string, got NoneType"):
+    objectives.baselines(lp, pairs + bad, pairs[1:], lp.encode(pairs[1:], TOK, cfg), TOK, cfg)
+  with cfg.unlocked():
+    cfg.on_error = 'skip'
+  assert objectives.baselines(lp, pairs + bad, pairs[1:] + bad[:1], lp.encode(pairs[1:], TOK, cfg),
+                              TOK, cfg)['constant_exact_match'] == 0.5
 
 
 def test_greedy_matches_stepwise_argmax_and_exact_match_counts():

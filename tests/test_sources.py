@@ -105,8 +105,14 @@ def test_hf_datasets_from_local_files_and_save_to_disk(hf_dirs, monkeypatch, tmp
   # Nor can one source be both the train and a held-out split.
   both = small_config(data__source='files', data__train=f'hf:{files}', data__val=f'hf:{saved}',
                       data__test=f'hf:{files}:train').data
-  with pytest.raises(data.DataError, match=rf"data.test and data.train are both 'hf:{files}'"):
+  with pytest.raises(data.DataError, match=rf"data.train='hf:{files}' and "
+                     rf"data.test='hf:{files}:train' both read hf:{files}:train"):
     data.load_splits(both, 0)
+  # One saved Dataset is read whole for whichever split names it.
+  twice = small_config(data__source='files', data__train=f'hf:{one}', data__val=f'hf:{one}').data
+  with pytest.raises(data.DataError, match=rf"data.train='hf:{one}' and data.val='hf:{one}' "
+                     rf"both read hf:{one}: held-out"):
+    data.load_splits(twice, 0)
   with pytest.raises(data.DataError, match=rf'hf:{files}:nope: ValueError: Unknown split "nope"'):
     data.read_split(f'hf:{files}:nope', 'train', cfg)
   with pytest.raises(data.DataError, match=r'hf:no-org/no-set:train: '):
