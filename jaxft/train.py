@@ -436,7 +436,8 @@ def run(cfg, workdir):
     if step > T.steps:
       raise config_lib.ConfigError(f'train.steps={T.steps} is below the step of {workdir}\'s '
                                    f'checkpoint, {step}: give train.steps >= {step}')
-    if step == T.steps and (epath.Path(workdir) / 'summary.json').exists():
+    done = epath.Path(workdir) / 'summary.json'  # (Of this step, not of a shorter run's end.)
+    if step == T.steps and done.exists() and json.loads(done.read_text())['steps'] == step:
       log(f'{workdir} already holds the final step {step}; nothing to do')
       return state
     # Written only now that the config has proven it fits the workdir's checkpoint and there is
@@ -534,11 +535,11 @@ def run(cfg, workdir):
           checkpoint.wait(mngr)  # Saved means on disk: a second notice may kill us after this.
           log(f'{preempted.what}: saved step {step}, exiting; rerun the same command to resume')
           break
-      if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved.
-        val, _ = run_eval('val', 0), run_eval('test', 0)
-        if mngr.latest_step() != step:  # Ranked as the others (the whole split if uncapped).
-          save(None if T.eval_batches else val)
+      if step == T.steps:  # Also when SIGTERM came during the last step: the end is saved,
+        if mngr.latest_step() != step:  # first (ranked as the others), then evaluated whole.
+          save()
         checkpoint.wait(mngr)  # summary.json only once the final checkpoint is on disk.
+        run_eval('val', 0), run_eval('test', 0)
         dropped = sum(d for *_, d in train_iter.get_state()['slots'])  # (Gathered: all processes.)
         if jax.process_index() == 0:
           config_lib.write_file(workdir, 'summary.json', json.dumps(

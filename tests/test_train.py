@@ -56,9 +56,10 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   with pytest.raises(config_lib.ConfigError, match=r'train.steps=4 is below the step of .*checkpoint, 10'):
     train.main(small_argv(wd, train__steps=4))
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 10
-  # Killed between the final checkpoint and summary.json: the rerun evaluates and writes it.
+  # Killed between the final checkpoint and summary.json, with a summary.json left from a shorter
+  # run (of another step, not this one's): the rerun evaluates and writes it.
   summary = json.load(open(os.path.join(wd, 'summary.json')))
-  os.remove(os.path.join(wd, 'summary.json'))
+  json.dump({**summary, 'steps': 5}, open(os.path.join(wd, 'summary.json'), 'w'))
   train.main(small_argv(wd, train__steps=10, checkpoint__every=5, checkpoint__keep=1,
                         train__eval_batches=1))
   again = json.load(open(os.path.join(wd, 'summary.json')))
@@ -72,6 +73,28 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
           f'schedule now ends at the new train.steps') in out
   assert [l['step'] for l in metrics(wd) if l['split'] == 'train'][-3:] == [10, 11, 12]
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 12
+
+
+def test_the_final_step_is_saved_before_the_final_evaluations(tmp_path, monkeypatch, capsys):
+  """Stopped during the evaluations of whole splits at the end (a preemption, Ctrl-C), the run
+  has lost no step: the rerun only evaluates."""
+  wd = str(tmp_path / 'run')
+  capped = evaluate.Evaluator.__call__
+
+  def interrupted(self, params, split, max_batches=0):
+    if max_batches == 0:
+      raise KeyboardInterrupt
+    return capped(self, params, split, max_batches)
+  monkeypatch.setattr(evaluate.Evaluator, '__call__', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.main(small_argv(wd, train__steps=3, checkpoint__every=100))
+  assert ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints')) == [3]
+  monkeypatch.undo()
+  train.main(small_argv(wd, train__steps=3, checkpoint__every=100))
+  assert f'resumed from {wd}/checkpoints/3' in capsys.readouterr().out
+  assert [(l['step'], l['split']) for l in metrics(wd)] == [
+      (1, 'train'), (2, 'train'), (3, 'train'), (3, 'val'), (3, 'test')]
+  assert json.load(open(os.path.join(wd, 'summary.json')))['steps'] == 3
 
 
 def test_keep_best_ranks_every_save_and_init_from_names_an_unfinished_one(tmp_path):
