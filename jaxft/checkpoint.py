@@ -131,7 +131,11 @@ def check_params(params_dir, abstract_params, new_ok=None):
   which new_ok(path) holds may be absent from the checkpoint, and saved params the model lacks
   are tolerated. Returns (saved shapes, model shapes) by path.
   """
-  saved = _shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata)
+  # (The item's handler: the Checkpointer would look for a step's metadata in the item dir, warn.)
+  try:
+    saved = _shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(params_dir)))
+  except FileNotFoundError as e:
+    raise CheckpointMismatch(f'checkpoint {params_dir} is unreadable: {e}') from None
   want = _shapes(abstract_params)
   problems = [f'{k}: checkpoint {saved[k]} vs model {want[k]}'
               for k in want if k in saved and saved[k] != want[k]]
@@ -146,17 +150,21 @@ def check_params(params_dir, abstract_params, new_ok=None):
   return saved, want
 
 
+def _damaged(directory, step):
+  """The hint for a checkpoint that fails to read. (Only on failure: listing the steps is a round
+  trip on remote storage.)"""
+  others = sorted(s for s in ocp.utils.checkpoint_steps(directory) if s != step)
+  return (f'\nIf the config is the run\'s own, checkpoint {step} may be damaged (a file lost '
+          f'or cut): move {directory}/{step} aside to resume from ' +
+          (f'step {others[-1]}' if others else 'scratch'))
+
+
 def restore(mngr, abstract_state, shardings, step=None):
   """(state, data_state) of `step` (default: latest), placed with `shardings`. The caller has
   compared the config with the run's: a checkpoint that does not fit it then is damaged, or was
   written with another optimizer layout, and the error says which earlier step would resume."""
   step = mngr.latest_step() if step is None else step
-
-  def hint():  # (Only on failure: listing the steps is a round trip on remote storage.)
-    others = sorted(s for s in mngr.all_steps() if s != step)
-    return (f'\nIf the config is the run\'s own, checkpoint {step} may be damaged (a file lost '
-            f'or cut): move {mngr.directory}/{step} aside to resume from ' +
-            (f'step {others[-1]}' if others else 'scratch'))
+  hint = lambda: _damaged(mngr.directory, step)
   rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
   try:
     check_params(mngr.directory / str(step) / 'params', abstract_state['params'])
@@ -176,14 +184,17 @@ def restore(mngr, abstract_state, shardings, step=None):
   return {'params': out.params, **out.train}, out.data
 
 
-def read_only(directory):
-  """A manager that reads the checkpoints in `directory` and writes nothing there."""
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def saved_data(mngr, step):
-  """The data state saved with `step` (the train position, fingerprints), read alone."""
-  return mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+def saved_data(directory, step):
+  """The data state saved with checkpoint `step` in `directory` (the train position and
+  fingerprints), read alone; {} for params without one (`convert from-hf`'s)."""
+  path = epath.Path(directory) / str(step) / 'data'
+  if not path.exists():
+    return {}
+  try:
+    return ocp.JsonCheckpointHandler().restore(path)
+  except (OSError, ValueError) as e:
+    raise CheckpointMismatch(f'checkpoint {directory}/{step}: its data state is unreadable: '
+                             f'{type(e).__name__}: {e}{_damaged(directory, step)}') from None
 
 
 def resolve(path):
@@ -227,11 +238,11 @@ def restore_params(path, params, shardings, new_ok):
       for part in key.split('/'):
         node = node.setdefault(part, {})
       node['value'] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat_shardings[key])
-  with read_only(directory) as m:
-    out = m.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  loaded = {model.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(out.params)}
+  # The params item alone, read as a tree (a manager, read-only, would log three warnings).
+  out = ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  loaded = {model.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(out)}
   report = {'loaded': sorted(loaded), 'new': sorted(k for k in want if k not in saved),
             'ignored': sorted(k for k in saved if k not in want), 'source': f'{directory}/{step}'}
   return model.map_with_path(lambda k, x: loaded.get(k, x), params), report

@@ -27,6 +27,9 @@ def load_file(spec):
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'config file not found: {path}')
+  if not path.endswith('.py'):  # (A run's config.json is its record, read by resumes.)
+    raise ConfigError(f'--config={spec}: a config is a Python file with get_config(), e.g. '
+                      f'configs/demo.py')
   # Config files import their neighbours (`from configs import common`): make the repo importable.
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
@@ -109,9 +112,10 @@ AT_LEAST = {1: ('train.steps', 'train.batch_size', 'train.grad_accum', 'train.lo
             0: ('train.eval_batches', 'train.exact_match_examples', 'optim.lr',
                 'optim.warmup_steps', 'optim.skip_nonfinite', 'optim.clip_norm',
                 'optim.weight_decay', 'data.num_labels', 'model.dropout', 'model.loss_chunk',
-                'data.val_fraction', 'data.test_fraction')}
-# Fractions: below this.
-BELOW = {1: ('model.dropout', 'data.val_fraction', 'data.test_fraction')}
+                'data.val_fraction', 'data.test_fraction', 'optim.min_lr_ratio', 'optim.b1',
+                'optim.b2', 'optim.eps')}
+# Fractions and decay rates: below this.
+BELOW = {1: ('model.dropout', 'data.val_fraction', 'data.test_fraction', 'optim.b1', 'optim.b2')}
 
 
 def check(cfg):
@@ -229,8 +233,9 @@ def resume_changes(cfg, workdir):
   if fixed:
     raise ConfigError(
         f'{workdir} was trained with another config; resuming would mix the two ({len(fixed)} '
-        f'differences):\n  ' + '\n  '.join(fixed) + f'\nrerun with its config ({path}), or use '
-        f'a new --workdir (with --config.train.init_from={workdir} to start from its params)')
+        f'differences):\n  ' + '\n  '.join(fixed) + f'\nrerun with the config and overrides it '
+        f'was trained with (recorded in {path}), or use a new --workdir (with '
+        f'--config.train.init_from={workdir} to start from its params)')
   return [c for c in changed if free(c[0])]
 
 

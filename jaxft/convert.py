@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -343,8 +345,6 @@ def read_params(params_dir, paths):
 def export(path, out, verify=True, shard_bytes=2 ** 28):
   """`to-hf`: write an HF model directory for a jaxft checkpoint; verify it unless told not to.
   Returns the max abs logit difference (None without verification)."""
-  from safetensors.numpy import save_file
-  from transformers import GenerationConfig
   cfg, directory, step = checkpoint.run_config(path)
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
@@ -364,12 +364,35 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
     size += nbytes
   if os.path.isdir(os.path.join(out, 'checkpoints')):  # Its config.json would be overwritten.
     raise FileExistsError(f'{out} is a jaxft workdir; give to-hf another --out')
-  os.makedirs(out, exist_ok=True)
-  # An earlier export's weights would be loaded alongside (or instead of) these, as
-  # save_pretrained also knows: they go first.
-  for old in os.listdir(out):
-    if re.fullmatch(r'model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json', old):
-      os.remove(os.path.join(out, old))
+  # Written and verified beside --out, then moved in: an export that fails its check (or is
+  # cut short) leaves --out as it was.
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out))}-', dir=parent)
+  try:
+    _write_hf(staging, params_dir, shards, model_cfg, tok, label_names, cfg.data)
+    try:
+      diff = verify_export(staging, params_dir, model_cfg, tok) if verify else None
+    except checkpoint.CheckpointMismatch as e:
+      raise checkpoint.CheckpointMismatch(f'{path} -> {out}: {e} ({out} left as it was)') from None
+    os.makedirs(out, exist_ok=True)
+    # An earlier export's weights would be loaded alongside (or instead of) these, as
+    # save_pretrained also knows: they go first.
+    for old in os.listdir(out):
+      if re.fullmatch(r'model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json',
+                      old):
+        os.remove(os.path.join(out, old))
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(out, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return diff
+
+
+def _write_hf(out, params_dir, shards, model_cfg, tok, label_names, data_cfg):
+  """The HF files of an export: weight shards, config, generation config, tokenizer."""
+  from safetensors.numpy import save_file
+  from transformers import GenerationConfig
   names = (['model.safetensors'] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   weight_map = {}
@@ -380,7 +403,7 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
     weight_map.update({hf: name for hf in tensors})
     del tensors
   if len(shards) > 1:
-    total = sum(4 * int(np.prod(r[3])) for r in rows)
+    total = sum(4 * int(np.prod(r[3])) for shard in shards for r in shard)
     with open(os.path.join(out, 'model.safetensors.index.json'), 'w') as f:
       json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=1)
   hf_cfg = hf_config(model_cfg, tok, label_names)
@@ -389,14 +412,16 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
   hf_tok = tokenizer_lib.as_hf(tok)
   if hf_tok.pad_token is None:
     hf_tok.pad_token = hf_tok.convert_ids_to_tokens(tok.pad_id)
-  hf_tok.model_max_length = model_cfg.max_len  # Pipelines truncate to the positions there are.
+  hf_tok.model_max_length = model_cfg.max_len  # truncation=True cuts to the positions there are,
+  # On the side the run's data was cut (saved from init_kwargs: the attribute alone is not).
+  hf_tok.truncation_side = hf_tok.init_kwargs['truncation_side'] = data_cfg.truncation_side
   hf_tok.save_pretrained(out)
-  return verify_export(out, params_dir, model_cfg, tok) if verify else None
 
 
 def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
   """Max abs difference between jaxft's and transformers' fp32 logits (LM, and the classifier's
-  when there is one) on a padded batch; raises if above `tolerance`."""
+  when there is one) on a padded batch; raises if above `tolerance` times the largest logit
+  (at least 1: float32's rounding grows with the values rounded)."""
   import torch
   from flax import nnx
   from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -430,16 +455,19 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
     theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
                 attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
   diff = float(np.abs(ours[..., :V] - theirs)[mask].max())
+  scale = float(np.abs(ours[..., :V])[mask].max())
   if model_cfg.num_labels:
     with torch.no_grad():
       hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32,
                                                               **SAFE).eval()
       theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
                   attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
-    diff = max(diff, float(np.abs(np.asarray(objectives.class_logits(model, batch)) - theirs).max()))
-  if not diff <= tolerance:
-    raise checkpoint.CheckpointMismatch(f'{out}: transformers logits differ from jaxft by {diff:.3g} '
-                                        f'> {tolerance:g}: the export is wrong')
+    ours = np.asarray(objectives.class_logits(model, batch))
+    diff, scale = max(diff, float(np.abs(ours - theirs).max())), max(scale, np.abs(ours).max())
+  if not diff <= tolerance * max(1.0, scale):
+    raise checkpoint.CheckpointMismatch(
+        f'transformers logits differ from jaxft by {diff:.3g} > {tolerance:g} x the largest '
+        f'logit ({scale:.3g}, at least 1): the export is wrong')
   return diff
 
 

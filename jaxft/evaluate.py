@@ -42,6 +42,9 @@ def exact_match_examples(records, tok, data_cfg, pad_id):
   """Prompt buffers and references for greedy exact match, as arrays over `records`."""
   pairs = [objectives.prompt_completion_ids(rec, where, tok, data_cfg) for rec, where in records]
   pairs = [(p, c) for p, c in pairs if c]
+  if not pairs:  # (data.drop_unsupervised: every one left without a completion.)
+    raise data.DataError(f'train.exact_match_examples: none of the first {len(records)} records '
+                         f'keeps a completion within data.seq_len={data_cfg.seq_len}')
   length = max(len(p) + len(c) - 1 for p, c in pairs)
   num_new = max(len(c) for _, c in pairs)
   out = {'tokens': np.full((len(pairs), length), pad_id, np.int32),
@@ -141,12 +144,17 @@ def load(workdir, step=None, mesh=None, overrides=()):
   if step is not None:
     workdir = checkpoint.resolve(workdir)[0] / str(step)
   cfg, directory, step = checkpoint.run_config(workdir)
+  classes = lambda: objectives.labels(cfg.data)[1] if cfg.objective == 'classification' else None
+  trained = classes()
   for key, text in overrides:
     if not config_lib.within(key, EVAL_OVERRIDES):
       raise config_lib.ConfigError(f'--config.{key}: evaluation takes only '
                                    f'{", ".join(EVAL_OVERRIDES)} (the model is the checkpoint\'s)')
     config_lib.override(cfg, key, text)
   config_lib.check(cfg)
+  if trained and classes() != trained and sorted(classes()) == sorted(trained):
+    raise config_lib.ConfigError(f'data.label_names {classes()} reorders the run\'s classes '
+                                 f'{trained}: the head scores them in the run\'s order')
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
   objectives.check_positions(cfg, model_cfg)

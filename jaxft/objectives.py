@@ -12,6 +12,8 @@ supervised units) so micro-batches, hosts and eval batches add up exactly.
 """
 import collections
 import dataclasses
+import functools
+import string
 import types
 from typing import Callable
 
@@ -73,13 +75,26 @@ def _next_token_segments(text, where, tok, data_cfg, dropped):
           for i in range(0, len(inputs), T)]
 
 
+@functools.lru_cache
+def _check_template(template):
+  """Refuse a data.prompt_template that is not text around {prompt} fields (another field, an
+  attribute or index of the prompt, a brace left open)."""
+  try:
+    wrong = [f for _, f, _, _ in string.Formatter().parse(template) if f not in (None, 'prompt')]
+    if not wrong:
+      template.format(prompt='')  # (A conversion or format spec that does not apply to text.)
+  except ValueError as e:  # (A brace left open or unmatched, an unknown conversion.)
+    raise data.DataError(f'data.prompt_template={template!r}: {e} (write a literal brace as '
+                         f'{{{{ or }}}})') from None
+  if wrong:
+    raise data.DataError(f'data.prompt_template={template!r} may only use {{prompt}} (got '
+                         f'{{{wrong[0]}}})')
+
+
 def shown_prompt(prompt, data_cfg):
   """A labeled_pair prompt as the model sees it: through data.prompt_template."""
-  try:
-    return data_cfg.prompt_template.format(prompt=prompt)
-  except (KeyError, IndexError) as e:
-    raise data.DataError(f'data.prompt_template={data_cfg.prompt_template!r} may only use '
-                         f'{{prompt}} (got {{{e.args[0]}}})') from None
+  _check_template(data_cfg.prompt_template)
+  return data_cfg.prompt_template.format(prompt=prompt)
 
 
 def _pair_fields(rec, where, data_cfg):
@@ -154,6 +169,9 @@ def labels(data_cfg):
                          '(comma-separated)')
   if names and len(names) != num:
     raise data.DataError(f'data.label_names has {len(names)} names but data.num_labels={num}')
+  if '' in names or len(set(names)) < len(names):  # 'a,b,' / 'a,a,b': a class no record can be.
+    raise data.DataError(f'data.label_names={data_cfg.label_names!r} has an empty or repeated '
+                         f'name')
   return num, names or [str(i) for i in range(num)]
 
 
@@ -166,10 +184,10 @@ def _label(rec, where, data_cfg):
   name = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
   if isinstance(name, str) and name.strip() in names:  # (Names are stripped too.)
     return names.index(name.strip())
-  if all(n.isdigit() for n in names):  # 0..num-1 by default: then every index is a name too.
+  if all(n.isdecimal() for n in names):  # 0..num-1 by default: then every index is a name too.
     raise data.RecordError(f'{where}: field {data_cfg.label_field!r} = {value!r} is not a label '
                            f'(one of {names})')
-  if isinstance(value, str) and value.strip().isdigit():  # CSV / TSV cells are strings.
+  if isinstance(value, str) and value.strip().isdecimal():  # CSV / TSV cells are strings.
     value = int(value)
   if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num:
     raise data.RecordError(f'{where}: field {data_cfg.label_field!r} = {value!r} is not a label '

@@ -297,8 +297,7 @@ def check_source(source, model_cfg, label_names, tok):
       return
     theirs = objectives.labels(src.data)[1] if src.objective == 'classification' else None
     eps, their_tok = src.model.get('ln_eps', model_lib.GPTConfig.ln_eps), src.tokenizer
-    with checkpoint.read_only(directory) as m:  # What the source was trained with, if saved.
-      theirs_encoding = checkpoint.saved_data(m, step).get('tokenizer')
+    theirs_encoding = checkpoint.saved_data(directory, step).get('tokenizer')  # If recorded.
     problems = []
   if eps != model_cfg.ln_eps:
     problems.append(f'model.ln_eps: run {model_cfg.ln_eps} vs source {eps}')
@@ -408,19 +407,20 @@ def run(cfg, workdir):
     encoding = tokenizer_lib.fingerprint(tok)
     if mngr.latest_step() is not None:
       changes = config_lib.resume_changes(cfg, workdir)
-      if checkpoint.saved_data(mngr, mngr.latest_step()).get('tokenizer', encoding) != encoding:
+      saved = checkpoint.saved_data(mngr.directory, mngr.latest_step())
+      if saved.get('tokenizer', encoding) != encoding:
         raise checkpoint.CheckpointMismatch(
             f'tokenizer={cfg.tokenizer!r} encodes text differently from the tokenizer {workdir} '
             f'was trained with (its checkpoint\'s fingerprint): was it retrained or replaced? '
             f'Resume with that one, or start a new workdir (train.init_from to keep the params)')
-      state, data_state = checkpoint.restore(mngr, abstract, shardings)
-      train_iter.set_state(data_state['iterator'])
-      totals.update(data_state['totals'])
-      changed = [s for s, f in data_state.get('held_out', held_out).items() if held_out[s] != f]
+      changed = [s for s, f in saved.get('held_out', held_out).items() if held_out[s] != f]
       if changed:
         raise data.DataError(f'the {" and ".join(changed)} records differ from those the run was '
                              f'evaluated on before (its checkpoint\'s fingerprint): resume with '
                              f'the saved data, or start a new workdir with train.init_from')
+      state, data_state = checkpoint.restore(mngr, abstract, shardings)
+      train_iter.set_state(data_state['iterator'])
+      totals.update(data_state['totals'])
       log(f'resumed from {mngr.directory}/{mngr.latest_step()}' + ''.join(
           f'; {k} {a!r} -> {b!r}' for k, a, b in changes)
           + ('; the lr schedule now ends at the new train.steps' if int(state['step']) < T.steps
@@ -528,9 +528,11 @@ def run(cfg, workdir):
           pending = None
         if step == T.steps:
           break  # The final evaluation and checkpoint follow the loop.
+        paused = time.time()  # Evaluating and saving are not training: tokens_per_s leaves them out.
         val = run_eval('val', T.eval_batches) if evaluate_now else None
         if save_now:  # (A preemption save ranks last: its grace time is better spent writing.)
           save(val, measure=not stopping)
+        window['time'] += time.time() - paused
         if stopping:
           checkpoint.wait(mngr)  # Saved means on disk: a second notice may kill us after this.
           log(f'{preempted.what}: saved step {step}, exiting; rerun the same command to resume')

@@ -82,6 +82,9 @@ CASES = {
     'hold-out fraction of the whole': (
         {'data__val_fraction': 1.0}, False,
         r"config key 'data\.val_fraction' is 1\.0; it must be < 1"),
+    'negative final lr (gradient ascent)': (
+        {'optim__min_lr_ratio': -1.0}, False,
+        r"config key 'optim\.min_lr_ratio' is -1\.0; it must be >= 0"),
     'unknown compute dtype': (
         {'model__dtype': 'bf16'}, False,
         r"unknown model\.dtype 'bf16'; known: float32, bfloat16, float16"),
@@ -134,8 +137,9 @@ CASES = {
         {'model__embed_dim': 64, 'model__num_heads': 2}, False,
         r'/run was trained with another config; resuming would mix the two \(2 differences\):'
         r'\n  model\.embed_dim: run 32 vs now 64\n  model\.num_heads: run 4 vs now 2\nrerun with '
-        r'its config \(.*/run/config\.json\), or use a new --workdir \(with '
-        r'--config\.train\.init_from=.*/run to start from its params\)'),
+        r'the config and overrides it was trained with \(recorded in .*/run/config\.json\), or '
+        r'use a new --workdir \(with --config\.train\.init_from=.*/run to start from its '
+        r'params\)'),
     'resume with another objective and optimizer': (
         {'objective': 'labeled_pair', 'optim__clip_norm': 0.0}, False,
         r"another config.*\(2 differences\):\n  objective: run 'next_token' vs now "

@@ -76,6 +76,9 @@ def test_wrong_type_is_rejected():
 def test_missing_file_and_flag_errors():
   with pytest.raises(config_lib.ConfigError, match='config file not found: nope.py'):
     config_lib.parse_args(['--config=nope.py'])
+  with pytest.raises(config_lib.ConfigError, match=r'--config=README.md: a config is a Python file '
+                                                   r'with get_config\(\), e.g. configs/demo.py'):
+    config_lib.parse_args(['--config=README.md'])
   with pytest.raises(config_lib.ConfigError, match="unknown flag '--lr'"):
     config_lib.parse_args(['--config=configs/demo.py', '--lr=1'])
 

@@ -101,7 +101,7 @@ def test_byte_tokenizer_as_hf_encodes_identically(tmp_path):
   assert (hf.eos_token_id, hf.pad_token_id, len(hf)) == (256, 257, 258)
 
 
-def test_export_check_catches_a_wrong_tensor(tmp_path):
+def test_export_check_catches_a_wrong_tensor(tmp_path, monkeypatch):
   src = hf_dir(tmp_path / 'src')
   convert.import_hf(src, str(tmp_path / 'jaxft'))
   out = str(tmp_path / 'out')
@@ -113,8 +113,31 @@ def test_export_check_catches_a_wrong_tensor(tmp_path):
   tok = tokenizer.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)
   with pytest.raises(checkpoint.CheckpointMismatch, match=r'transformers logits differ from jaxft '
-                                                           r'by [0-9.e-]+ > 0.0001'):
+                                                           r'by [0-9.e-]+ > 0.0001 x the largest'):
     convert.verify_export(out, os.path.join(directory, str(step), 'params'), model_cfg, tok)
+  # An export that fails its check is not left in --out: what was there stays.
+  before, hf_config = snapshot(out), convert.hf_config
+
+  def wrong_eps(*args):
+    c = hf_config(*args)
+    c.layer_norm_epsilon = 0.1
+    return c
+  monkeypatch.setattr(convert, 'hf_config', wrong_eps)
+  with pytest.raises(checkpoint.CheckpointMismatch, match=rf'-> {out}: transformers logits differ '
+                     rf'.* the export is wrong \({out} left as it was\)'):
+    convert.export(str(tmp_path / 'jaxft'), out)
+  assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ['jaxft', 'out', 'src']
+  monkeypatch.undo()
+  # Logits in the hundreds (a trained model's can be): float32 rounds them by about 1e-4, and a
+  # right export still passes (the tolerance is relative to the largest logit).
+  big = hf_dir(tmp_path / 'big')
+  model = transformers.GPT2LMHeadModel.from_pretrained(big)
+  with torch.no_grad():
+    model.transformer.wte.weight.mul_(30)
+    model.transformer.ln_f.weight.fill_(30)
+  model.save_pretrained(big)
+  convert.import_hf(big, str(tmp_path / 'big_jaxft'))
+  assert convert.export(str(tmp_path / 'big_jaxft'), str(tmp_path / 'big_out')) < 1e-2
 
 
 def test_unsupported_and_mismatched_checkpoints_are_named(tmp_path):
@@ -177,7 +200,8 @@ def test_hf_configs_are_read_as_transformers_reads_them(tmp_path):
   back = json.load(open(tmp_path / 'b_hf' / 'config.json'))
   assert back['problem_type'] == 'single_label_classification' and len(back['id2label']) == 3
   assert back['resid_pdrop'] == back['attn_pdrop'] == back['embd_pdrop'] == 0.1
-  assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'b_hf')).model_max_length == 64
+  exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'b_hf'))
+  assert (exported.model_max_length, exported.truncation_side) == (64, 'left')  # As trained.
 
 
 def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path, monkeypatch):
@@ -356,6 +380,11 @@ def test_a_classifier_whose_pad_is_its_eos_reads_the_token_hf_reads(tmp_path):
   train.main(small_argv(run, objective='classification', tokenizer=f'hf:{tmp_path / "tok"}',
                         train__steps=2))
   assert convert.export(run, out) < 1e-4
+  # Evaluated with its classes named in another order, its head would score them as the wrong
+  # ones: refused (other names, e.g. a dataset's own, are the user's to give).
+  with pytest.raises(ConfigError, match=r"data.label_names \['high', 'mid', 'low'\] reorders the "
+                     r"run's classes \['low', 'mid', 'high'\]"):
+    evaluate.main(['--workdir', run, '--config.data.label_names=high,mid,low'])
   cfg, tok, model = run_model(run)
   texts = ['12+34=', '12+34=<|endoftext|>', '12+34=<|endoftext|><|endoftext|>', '9<|endoftext|>3']
   examples = objectives.get('classification').encode(

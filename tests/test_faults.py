@@ -121,6 +121,14 @@ def test_a_damaged_newest_checkpoint_names_the_step_to_resume_from(tmp_path, mon
   assert re.search(r'checkpoint 4 may be damaged \(a file lost or cut\): move '
                    rf'{re.escape(wd)}/checkpoints/4 aside to resume from step 2', message), message
   assert snapshot(wd) == before  # Nothing deleted, not even the damaged one.
+  shutil.copy(os.path.join(wd, 'checkpoints', '2', 'params', '_METADATA'), metadata)
+  data_state = os.path.join(wd, 'checkpoints', '4', 'data', 'metadata')  # The data position.
+  open(data_state, 'w').write('{"iterator": ')  # Cut short.
+  message = cli_error(small_argv(wd, train__steps=6, **opts), monkeypatch)
+  assert re.search(r'checkpoint .*/checkpoints/4: its data state is unreadable: JSONDecodeError: '
+                   r'.*\nIf the config is the run\'s own, checkpoint 4 may be damaged \(a file lost '
+                   rf'or cut\): move {re.escape(wd)}/checkpoints/4 aside to resume from step 2',
+                   message), message
   shutil.move(os.path.join(wd, 'checkpoints', '4'), str(tmp_path / 'aside'))
   train.main(small_argv(wd, train__steps=6, **opts))
   assert sorted(ckpt_steps(wd)) == [4, 6]

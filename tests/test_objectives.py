@@ -1,5 +1,7 @@
 """The three objectives as data: masks token by token, packing, truncation, audit, metrics."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -204,6 +206,11 @@ def test_greedy_matches_stepwise_argmax_and_exact_match_counts():
   pairs = recs({'prompt': '12+', 'completion': 'ab'}, {'prompt': '3-45=', 'completion': 'zz'})
   arrays = evaluate.exact_match_examples(pairs, TOK, cfg.data, P)
   assert arrays['reference'].shape == (2, 3)  # 'ab' / 'zz' + EOS.
+  cut = small_config(objective='labeled_pair', data__seq_len=4, data__truncation_side='right')
+  with pytest.raises(data.DataError, match=r'train.exact_match_examples: none of the first 2 '
+                                           r'records keeps a completion within data.seq_len=4'):
+    evaluate.exact_match_examples(recs({'prompt': '12345678', 'completion': 'ab'},
+                                       {'prompt': 'abcdefgh', 'completion': 'c'}), TOK, cut.data, P)
   np.testing.assert_array_equal(arrays['reference'][1], ids('zz') + [E])
   arrays['reference'][0] = evaluate.greedy(model, arrays['tokens'], arrays['prompt_len'], 3)[0]
   graphdef, params = nnx.split(model)
@@ -245,6 +252,19 @@ def test_bad_objective_settings_are_named():
   with pytest.raises(data.DataError, match=r"data.prompt_template='Q: \{question\}' may only use "
                                            r"\{prompt\} \(got \{question\}\)"):
     encode('labeled_pair', pair, data__prompt_template='Q: {question}')
+  for template, says in (('Q: {prompt', r": expected '\}' before end of string \(write a literal "
+                                        r"brace as \{\{ or \}\}\)"),
+                         ('{prompt.upper}', r' may only use \{prompt\} \(got \{prompt.upper\}\)'),
+                         ('{prompt!x}', r': Unknown conversion specifier x')):
+    with pytest.raises(data.DataError, match=re.escape(f'data.prompt_template={template!r}') + says):
+      encode('labeled_pair', pair, data__prompt_template=template)
+  for names in ('neg,pos,', 'a,a,b'):  # A class no record can be: refused, not a dead logit.
+    with pytest.raises(data.DataError, match=rf"data.label_names='{names}' has an empty or "
+                                             r"repeated name"):
+      encode('classification', recs({'text': 'c', 'label': 'a'}), data__label_names=names)
+  # '²' is a digit to str.isdigit, not a number: not a label, named (no int() traceback).
+  with pytest.raises(data.RecordError, match=r"mem.jsonl:1: field 'label' = '²' is not a label"):
+    encode('classification', recs({'text': 'c', 'label': '²'}))
   for name in ('labeled_pair', 'classification'):
     with pytest.raises(data.DataError, match="unknown data.truncation_side 'middle'"):
       encode(name, recs({'prompt': 'a', 'completion': 'b', 'text': 'c', 'label': 0}),
