@@ -7,7 +7,8 @@ from ml_collections import config_dict
 
 
 def get_config(arg=None):
-  del arg  # common.py has no variants; see demo.py for how variants work.
+  if arg:  # (See demo.py for how variants work.)
+    raise ValueError(f'configs/common.py has no variants (got {arg!r})')
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds init, dropout and data order; same seed + same data = same run.
   c.objective = 'next_token'  # What the loss is; one field switches it (see jaxft/objectives.py).

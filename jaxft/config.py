@@ -30,13 +30,19 @@ def load_file(spec):
   if not path.endswith('.py'):  # (A run's config.json is its record, read by resumes.)
     raise ConfigError(f'--config={spec}: a config is a Python file with get_config(), e.g. '
                       f'configs/demo.py')
-  # Config files import their neighbours (`from configs import common`): make the repo importable.
+  # Config files import their neighbours (`from configs import common`): their repo first, then
+  # jaxft's (a config file of yours elsewhere extends jaxft's configs/common.py).
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
     sys.path.insert(0, root)
+  if (ours := os.path.dirname(os.path.dirname(COMMON))) not in sys.path:
+    sys.path.append(ours)
   module_spec = importlib.util.spec_from_file_location('_jaxft_config', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except ImportError as e:
+    raise ConfigError(f'{path}: {type(e).__name__}: {e}') from None
   try:
     cfg = module.get_config(arg or None)
   except ValueError as e:  # An unknown variant and the like: name the file.
@@ -210,7 +216,10 @@ RESUME_FREE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval
                'train.exact_match_examples', 'train.grad_accum', 'checkpoint.', 'mesh.',
                'distributed.', 'reuse_host_memory', 'optim.offload', 'optim.skip_nonfinite',
                'model.attention', 'model.attention_block', 'model.remat', 'model.scan_layers',
-               'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp')
+               'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp',
+               # Where the data is (moved to another disk or bucket): the records themselves are
+               # compared by the fingerprints saved with each checkpoint.
+               'data.train', 'data.val', 'data.test', 'data.tfds_data_dir')
 
 
 def differences(saved, cfg):
@@ -228,8 +237,12 @@ def resume_changes(cfg, workdir):
   if not path.exists():
     return []
   changed = differences(json.loads(path.read_text()), cfg)
-  free = lambda k: within(k, RESUME_FREE)
-  fixed = [f'{k}: run {old!r} vs now {new!r}' for k, old, new in changed if not free(k)]
+  # keep_best ranks every save by the val loss of train.eval_batches batches: of as many, always.
+  ranked = cfg.checkpoint.keep_best and 'train.eval_batches'
+  free = lambda k: within(k, RESUME_FREE) and k != ranked
+  why = {ranked: ' (checkpoint.keep_best ranks saves by the val loss of this many batches)'}
+  fixed = [f'{k}: run {old!r} vs now {new!r}{why.get(k, "")}' for k, old, new in changed
+           if not free(k)]
   if fixed:
     raise ConfigError(
         f'{workdir} was trained with another config; resuming would mix the two ({len(fixed)} '

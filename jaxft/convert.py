@@ -114,7 +114,7 @@ def read_hf_config(hf_dir):
   required = {'scale_attn_weights': True, 'scale_attn_by_inverse_layer_idx': False,
               'add_cross_attention': False, 'tie_word_embeddings': True}
   problems = [f'{k}={c[k]!r} (jaxft supports {v!r})' for k, v in required.items() if c[k] != v]
-  if c['activation_function'] not in ('gelu_new', 'gelu_pytorch_tanh'):
+  if c['activation_function'] not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast'):  # All tanh.
     problems.append(f'activation_function={c["activation_function"]!r} (jaxft: tanh GELU)')
   # Without `architectures` HF's Auto classes build either head: the weights say which it has.
   arch = (c.get('architectures') or

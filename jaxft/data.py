@@ -132,13 +132,16 @@ def _table(path, on_error, skipped):
   # CSV quotes cells with "..."; a TSV (GLUE-style) has no quoting: a " is part of its cell.
   reader = csv.DictReader(io.StringIO(text, newline=''), **(
       dict(delimiter='\t', quoting=csv.QUOTE_NONE) if path.endswith('.tsv') else {}))
+  # A row is named by the line it starts on (a quoted cell may hold line breaks): the one after
+  # the header (read by .fieldnames), then the one after the row before.
+  start = reader.fieldnames and reader.line_num + 1
   for row in reader:
+    where, start = f'{path}:{start}', reader.line_num + 1
     with bad_records(on_error, skipped):
       if None in row or None in row.values():  # Extra cells land under None, missing ones are None.
         cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
-        raise RecordError(f'{path}:{reader.line_num}: {cells} cells, the header has '
-                          f'{len(reader.fieldnames)}')
-      yield row, f'{path}:{reader.line_num}'
+        raise RecordError(f'{where}: {cells} cells, the header has {len(reader.fieldnames)}')
+      yield row, where
 
 
 def _txt(path, on_error, skipped):

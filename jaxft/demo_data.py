@@ -5,6 +5,7 @@ and `label` (classification: the size of the answer, a rule the model must compu
 
     python -m jaxft.demo_data --out=demo_data   # writes train/val/test .jsonl to look at
 """
+import argparse
 import json
 import os
 import sys
@@ -47,7 +48,10 @@ def splits(num_examples, seed=0):
 
 
 def main(argv):
-  out = next((a.split('=', 1)[1] for a in argv if a.startswith('--out=')), 'demo_data')
+  parser = argparse.ArgumentParser(prog='python -m jaxft.demo_data',
+                                   description='write the demo corpus as .jsonl files')
+  parser.add_argument('--out', default='demo_data', help='directory for train/val/test.jsonl')
+  out = parser.parse_args(argv).out
   os.makedirs(out, exist_ok=True)
   for split, records in splits(20_000).items():
     with open(os.path.join(out, f'{split}.jsonl'), 'w') as f:

@@ -418,9 +418,9 @@ def run(cfg, workdir):
         raise data.DataError(f'the {" and ".join(changed)} records differ from those the run was '
                              f'evaluated on before (its checkpoint\'s fingerprint): resume with '
                              f'the saved data, or start a new workdir with train.init_from')
-      state, data_state = checkpoint.restore(mngr, abstract, shardings)
-      train_iter.set_state(data_state['iterator'])
-      totals.update(data_state['totals'])
+      train_iter.set_state(saved['iterator'])  # (Refuses other train records.)
+      totals.update(saved['totals'])
+      state, _ = checkpoint.restore(mngr, abstract, shardings)
       log(f'resumed from {mngr.directory}/{mngr.latest_step()}' + ''.join(
           f'; {k} {a!r} -> {b!r}' for k, a, b in changes)
           + ('; the lr schedule now ends at the new train.steps' if int(state['step']) < T.steps

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,6 +73,27 @@ def test_wrong_type_is_rejected():
     with pytest.raises(config_lib.ConfigError, match=rf"config key '{key}' is {value}; it must be "
                        rf">= {least}"):
       config_lib.parse_args(['--config=configs/demo.py', f'--config.{key}={value}'])
+
+
+def test_a_config_file_elsewhere_extends_common(tmp_path):
+  """A config of one's own, outside the repository, builds on jaxft's configs/common.py; one
+  whose import fails is named."""
+  mine = tmp_path / 'mine.py'
+  mine.write_text('from configs import common\n\ndef get_config(arg=None):\n'
+                  '  c = common.get_config()\n  c.train.steps = 7\n  return c\n')
+  # In a process of its own, run from elsewhere: nothing of the repository imported before.
+  code = (f'from jaxft import config; c = config.parse_args(["--config={mine}", '
+          f'"--config.seed=3"])[0]; print(c.train.steps, c.seed, c.optim.lr)')
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+  assert out.stdout.split() == ['7', '3', '0.0003'], out.stderr
+  mine.write_text('import no_such_module\n')
+  with pytest.raises(config_lib.ConfigError, match=rf"{mine}: ModuleNotFoundError: No module named "
+                                                   r"'no_such_module'"):
+    config_lib.parse_args([f'--config={mine}'])
+  with pytest.raises(config_lib.ConfigError, match=r"configs/common.py:typo: configs/common.py has "
+                                                   r"no variants \(got 'typo'\)"):
+    config_lib.parse_args(['--config=configs/common.py:typo'])
 
 
 def test_missing_file_and_flag_errors():

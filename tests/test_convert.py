@@ -87,6 +87,21 @@ def test_hf_to_jaxft_to_hf_round_trip_is_identical(tmp_path, num_labels):
     assert back['id2label'] == {'0': 'c0', '1': 'c1', '2': 'c2'} and back['pad_token_id'] == 257
 
 
+@pytest.mark.parametrize('activation', ['gelu_fast', 'gelu_pytorch_tanh'])
+def test_hf_tanh_gelus_load_as_jaxfts_gelu(tmp_path, activation):
+  """transformers' other names for the tanh GELU (gelu_fast: its constant written out) give the
+  logits transformers computes with them."""
+  src = hf_dir(tmp_path / 'src', activation_function=activation)
+  convert.import_hf(src, str(tmp_path / 'run'))
+  _, _, model = run_model(str(tmp_path / 'run'))
+  tokens = np.random.default_rng(0).integers(0, 256, (2, 24))
+  hf = transformers.GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+  ours = np.asarray(model.logits(model.hidden(jnp.asarray(tokens, jnp.int32))))[..., :258]
+  np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
 def test_byte_tokenizer_as_hf_encodes_identically(tmp_path):
   tokenizer.byte_tokenizer_as_hf().save_pretrained(tmp_path)
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))

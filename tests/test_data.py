@@ -56,10 +56,11 @@ def test_every_file_format_gives_the_same_records(tmp_path):
     encoded[ext] = objectives.get('classification').encode(recs, tok, cfg.data)
     np.testing.assert_array_equal(encoded[ext]['label'], [0, 2, 1, 0])
     np.testing.assert_array_equal(encoded[ext]['tokens'], encoded['jsonl']['tokens'])
-  # Where: the line a record ends on (a CSV header is line 1; the quoted break spans 3-4).
-  (tmp_path / 'b.csv').write_text('text,label\nplain,0\n"two\nlines",1\n')
+  # Where: the line a record starts on (a CSV header is line 1; the quoted break spans 3-4).
+  (tmp_path / 'b.csv').write_text('text,label\nplain,0\n"two\nlines",1\nlast,2\n')
   assert [(r['text'], w) for r, w in data.read_records(str(tmp_path / 'b.csv'))] == [
-      ('plain', f'{tmp_path}/b.csv:2'), ('two\nlines', f'{tmp_path}/b.csv:4')]
+      ('plain', f'{tmp_path}/b.csv:2'), ('two\nlines', f'{tmp_path}/b.csv:3'),
+      ('last', f'{tmp_path}/b.csv:5')]
   (tmp_path / 'bom.jsonl').write_text(json.dumps(rows[0]) + '\n', encoding='utf-8-sig')
   assert [r for r, _ in data.read_records(str(tmp_path / 'bom.jsonl'))] == rows[:1]
   # A .gz file that is not gzip, or is cut short, is named.
@@ -146,7 +147,10 @@ def test_held_out_splits_that_read_train_data_are_refused(tmp_path):
   assert (len(got['train']), len(got['val']), len(got['test'])) == (48, 10, 2)
 
 
-def test_demo_splits_hold_out_questions():
+def test_demo_splits_hold_out_questions(tmp_path):
+  demo_data.main(['--out', str(tmp_path / 'demo')])  # The files the demo's records are.
+  written = data.read_records(str(tmp_path / 'demo' / 'val.jsonl'))
+  assert [r for r, _ in written] == demo_data.splits(20_000)['val']
   parts = demo_data.splits(3000)
   train_q = {r['prompt'] for r in parts['train']}
   assert parts['val'] and parts['test']

@@ -49,12 +49,12 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert capped['batches'] == 1 and stored['val_loss'] == pytest.approx(capped['metrics']['loss'])
   whole = json.load(open(os.path.join(wd, 'eval', 'val_10.json')))['metrics']['loss']
   assert stored['val_loss'] != whole
-  train.main(small_argv(wd, train__steps=10))  # Rerun: resumes at the end, does nothing.
+  train.main(small_argv(wd, train__steps=10, train__eval_batches=1))  # Resumes at the end: done.
   assert 'already holds the final step 10' in capsys.readouterr().out
   assert len(metrics(wd)) == len(lines)
   # Fewer steps than the checkpoint's: refused, and the record of what was run left as it was.
   with pytest.raises(config_lib.ConfigError, match=r'train.steps=4 is below the step of .*checkpoint, 10'):
-    train.main(small_argv(wd, train__steps=4))
+    train.main(small_argv(wd, train__steps=4, train__eval_batches=1))
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 10
   # Killed between the final checkpoint and summary.json, with a summary.json left from a shorter
   # run (of another step, not this one's): the rerun evaluates and writes it.
@@ -65,11 +65,15 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   again = json.load(open(os.path.join(wd, 'summary.json')))
   assert (again['steps'], again['test']) == (10, summary['test'])
   lines = metrics(wd)
-  # More steps resume the run, and the log says what changed.
-  train.main(small_argv(wd, train__steps=12, train__eval_every=6))
+  # More steps resume the run, and the log says what changed. Not another train.eval_batches:
+  # keep_best's val losses would be of other records than the saved ones'.
+  with pytest.raises(config_lib.ConfigError, match=r'train.eval_batches: run 1 vs now 2 '
+                     r'\(checkpoint.keep_best ranks saves by the val loss of this many batches\)'):
+    train.main(small_argv(wd, train__steps=12))
+  train.main(small_argv(wd, train__steps=12, train__eval_every=6, train__eval_batches=1))
   out = capsys.readouterr().out
   assert (f'resumed from {wd}/checkpoints/10; checkpoint.every 5 -> 100; checkpoint.keep 1 -> 3; '
-          f'train.eval_batches 1 -> 2; train.eval_every 5 -> 6; train.steps 10 -> 12; the lr '
+          f'train.eval_every 5 -> 6; train.steps 10 -> 12; the lr '
           f'schedule now ends at the new train.steps') in out
   assert [l['step'] for l in metrics(wd) if l['split'] == 'train'][-3:] == [10, 11, 12]
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 12
@@ -114,7 +118,7 @@ def test_keep_best_ranks_every_save_and_init_from_names_an_unfinished_one(tmp_pa
                           train__init_from=os.path.join(wd, 'checkpoints', '8.orbax-checkpoint-tmp')))
 
 
-def test_resume_refuses_held_out_records_that_changed(tmp_path):
+def test_resume_refuses_held_out_records_that_changed(tmp_path, capsys):
   """keep_best compares val losses across a resume: they must be of the same records."""
   files = {}
   for split, n in (('train', 300), ('val', 40), ('test', 40)):
@@ -125,6 +129,19 @@ def test_resume_refuses_held_out_records_that_changed(tmp_path):
                                   checkpoint__every=2, **{f'data__{s}': str(f)
                                                           for s, f in files.items()})
   train.main(argv(2))
+  # Moved (another disk, a bucket): the same records under other names resume.
+  os.rename(tmp_path / 'train.jsonl', tmp_path / 'moved.jsonl')
+  files['train'] = tmp_path / 'moved.jsonl'
+  train.main(argv(3))
+  assert f"data.train '{tmp_path}/train.jsonl' -> '{tmp_path}/moved.jsonl'" in \
+      capsys.readouterr().out
+  # Other records under a new name are not: the data position is of the saved ones.
+  (tmp_path / 'other.jsonl').write_text(files['train'].read_text() + '{"text": "new"}\n')
+  with pytest.raises(data.DataError, match=r"data position is for other train data \(checkpoint "
+                     r"vs this run: records 300 vs 301"):
+    train.main(small_argv(str(tmp_path / 'run'), data__source='files', train__steps=4,
+                          data__train=str(tmp_path / 'other.jsonl'), data__val=str(files['val']),
+                          data__test=str(files['test'])))
   with open(files['val'], 'a') as f:
     f.write(json.dumps({'text': 'one more'}) + '\n')
   with pytest.raises(data.DataError, match=r'the val records differ from those the run was '
