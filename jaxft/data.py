@@ -179,7 +179,10 @@ def read_records(pattern, on_error='raise'):
     if reader is None:
       raise DataError(f'{path}: unsupported file type (use {", ".join(READERS)})')
     start, bad = len(records), len(records.skipped)
-    records += reader(path, on_error, records.skipped)
+    try:
+      records += reader(path, on_error, records.skipped)
+    except OSError as e:  # A directory named like a data file, a file without read permission.
+      raise DataError(f'{path}: unreadable: {e.strerror or e}') from None
     if len(records) == start and len(records.skipped) == bad:  # A failed export, a wrong file?
       raise DataError(f'{path}: empty file (no records)')
   return records

@@ -31,6 +31,9 @@ def test_bad_input_errors_name_file_line_and_field(tmp_path):
     objectives.get('next_token').encode(data.read_records(g), tokenizer.build('bytes'), cfg.data)
   with pytest.raises(data.DataError, match="no data file matches"):
     data.read_records(str(tmp_path / 'missing*.jsonl'))
+  (tmp_path / 'folder.jsonl').mkdir()
+  with pytest.raises(data.DataError, match=rf'{tmp_path}/folder.jsonl: unreadable: Is a directory'):
+    data.read_records(str(tmp_path / 'folder.jsonl'))
 
 
 def test_every_file_format_gives_the_same_records(tmp_path):

@@ -317,7 +317,8 @@ def test_trains_on_jsonl_files_with_held_out_splits(tmp_path, capsys):
   # A rerun refused for other data leaves the list of what this run skipped alone.
   other = tmp_path / 'other.jsonl'
   other.write_text(''.join(l + '\n' for l in lines[:300] + ['{"body": also broken']))
-  with pytest.raises(config_lib.ConfigError, match='data.train'):
+  with pytest.raises(data.DataError, match='the val and test records differ from those the run '
+                     'was evaluated on'):
     train.main(small_argv(wd, data__source='files', data__train=str(other), data__text_field='body',
                           data__val_fraction=0.1, data__test_fraction=0.1, train__steps=3,
                           data__on_error='skip'))
