@@ -160,9 +160,10 @@ def _damaged(directory, step):
 
 
 def restore(mngr, abstract_state, shardings, step=None):
-  """(state, data_state) of `step` (default: latest), placed with `shardings`. The caller has
-  compared the config with the run's: a checkpoint that does not fit it then is damaged, or was
-  written with another optimizer layout, and the error says which earlier step would resume."""
+  """The state of `step` (default: latest), placed with `shardings` (its data state is
+  saved_data's, read first). The caller has compared the config with the run's: a checkpoint
+  that does not fit it then is damaged, or was written with another optimizer layout, and the
+  error says which earlier step would resume."""
   step = mngr.latest_step() if step is None else step
   hint = lambda: _damaged(mngr.directory, step)
   rest = lambda t: {k: v for k, v in t.items() if k != 'params'}
@@ -173,15 +174,14 @@ def restore(mngr, abstract_state, shardings, step=None):
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(abstract_state['params'], shardings['params'])),
-        train=ocp.args.StandardRestore(_abstract(rest(abstract_state), rest(shardings))),
-        data=ocp.args.JsonRestore()))
+        train=ocp.args.StandardRestore(_abstract(rest(abstract_state), rest(shardings)))))
   except Exception as e:  # The params' shapes fit (checked above): their data, or the optimizer's.
     raise CheckpointMismatch(
         f'checkpoint {mngr.directory}/{step} could not be restored: its optimizer state does not '
         f'fit this config\'s optimizer (was optim.clip_norm or train.trainable changed? resume '
         f'with the saved config.json, or start a new workdir with train.init_from), or a file of '
         f'it is damaged: {type(e).__name__}: {str(e).strip().splitlines()[0]}{hint()}') from e
-  return {'params': out.params, **out.train}, out.data
+  return {'params': out.params, **out.train}
 
 
 def saved_data(directory, step):

@@ -145,15 +145,16 @@ def load(workdir, step=None, mesh=None, overrides=()):
     workdir = checkpoint.resolve(workdir)[0] / str(step)
   cfg, directory, step = checkpoint.run_config(workdir)
   classes = lambda: objectives.labels(cfg.data)[1] if cfg.objective == 'classification' else None
-  trained = classes()
+  trained = classes()  # (Before the overrides.)
   for key, text in overrides:
     if not config_lib.within(key, EVAL_OVERRIDES):
       raise config_lib.ConfigError(f'--config.{key}: evaluation takes only '
                                    f'{", ".join(EVAL_OVERRIDES)} (the model is the checkpoint\'s)')
     config_lib.override(cfg, key, text)
   config_lib.check(cfg)
-  if trained and classes() != trained and sorted(classes()) == sorted(trained):
-    raise config_lib.ConfigError(f'data.label_names {classes()} reorders the run\'s classes '
+  now = classes()
+  if trained and now != trained and sorted(now) == sorted(trained):
+    raise config_lib.ConfigError(f'data.label_names {now} reorders the run\'s classes '
                                  f'{trained}: the head scores them in the run\'s order')
   tok = tokenizer_lib.build(cfg.tokenizer)
   model_cfg = objectives.model_config(cfg, tok)

@@ -420,7 +420,7 @@ def run(cfg, workdir):
                              f'the saved data, or start a new workdir with train.init_from')
       train_iter.set_state(saved['iterator'])  # (Refuses other train records.)
       totals.update(saved['totals'])
-      state, _ = checkpoint.restore(mngr, abstract, shardings)
+      state = checkpoint.restore(mngr, abstract, shardings)
       log(f'resumed from {mngr.directory}/{mngr.latest_step()}' + ''.join(
           f'; {k} {a!r} -> {b!r}' for k, a, b in changes)
           + ('; the lr schedule now ends at the new train.steps' if int(state['step']) < T.steps
