@@ -89,7 +89,17 @@ def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypa
                    str(tmp_path), None)
 
 
-def test_ctrl_c_stops_the_sweep_and_a_run_stopped_early_is_named(tmp_path, monkeypatch):
+@pytest.fixture
+def default_sigint():
+  """Ctrl-C raises KeyboardInterrupt, as in a terminal, however pytest was started (a script's
+  background job, `pytest &`, starts with SIGINT ignored)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_the_sweep_and_a_run_stopped_early_is_named(tmp_path, monkeypatch,
+                                                                  default_sigint):
   started = []
 
   def run_one(config, name, *rest):  # As the run that gets the Ctrl-C (with the whole group).
