@@ -109,6 +109,21 @@ def make_train_step(graphdef, objective, tx, lr_schedule, grad_accum, trainable=
   return jax.jit(train_step, donate_argnums=0)
 
 
+def summary_writer(logdir, **kwargs):
+  """tensorboardX's SummaryWriter (it writes gs:// too), imported without torch: tensorboardX
+  imports torch whenever it is installed (the hf extra), only to accept torch tensors, and that
+  added ~4 s to every run's start."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # `import torch` raises ImportError.
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter(logdir, **kwargs)
+
+
 class MetricsLog:
   """metrics.jsonl + TensorBoard (process 0 only); on resume, drops lines past the restored step."""
 
@@ -128,8 +143,7 @@ class MetricsLog:
         log(f'{self.path}: dropping its unfinished last line {lines.pop()[:80]!r}')
       self.lines = [l + '\n' for l in lines if json.loads(l)['step'] <= resume_step]
       self.path.write_text(''.join(self.lines))
-    from tensorboardX import SummaryWriter  # Writes gs:// too.
-    self.tb = SummaryWriter(str(epath.Path(workdir) / 'tb'), purge_step=resume_step + 1)
+    self.tb = summary_writer(str(epath.Path(workdir) / 'tb'), purge_step=resume_step + 1)
 
   def write(self, step, split, values):
     if not self.enabled:

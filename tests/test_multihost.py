@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_argv
+from conftest import ROOT, small_argv, xla_flags
 from experiments.kill_resume import read_params
 from jaxft import train
 
@@ -31,7 +31,7 @@ def free_port():
 def launch(workdir, processes=2, signal_at=None, **overrides):
   """`python -m jaxft.train` as `processes` processes of 4 CPU devices each: [(exit code, output)].
   signal_at=N: SIGTERM process 1 (only) once process 0 has logged step N."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(4)}
   port = free_port()
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'jaxft.train', *small_argv(workdir, **overrides),

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
-from conftest import SMALL, small_config
+from conftest import SMALL, small_config, xla_flags
 from jaxft import bench, data, model as model_lib, objectives, sharding, tokenizer, train
 from jaxft.config import ConfigError
 
@@ -77,7 +77,8 @@ CASES = [  # (id, overrides, tolerances, evidence(switch counts, baseline counts
      lambda c, b: c['dtype:int8'] > 0 and c['dtype:uint8'] > 0 and b['dtype:int8'] == 0),
     # On by default, so the case turns it off: the residual-stream gradient no longer written
     # once per block (the in-place rewrite of position 0 below is gone).
-    ('grad_barrier_off', dict(model__grad_barrier=False), dict(loss=0, params=0),  # Measured: 0, 0.
+    # Measured: 0, 0 under XLA's default CPU codegen; 2.8e-7 params under the tests' (conftest.py).
+    ('grad_barrier_off', dict(model__grad_barrier=False), FP32,
      lambda c, b: c['dynamic_update_slice'] < b['dynamic_update_slice']),
     # The optimizer state kept in host memory: moved to the device and back every step.
     ('offload', dict(optim__offload=True), dict(loss=0, params=0),
@@ -474,7 +475,8 @@ def test_reuse_host_memory_stops_faulting_the_step_memory_in_afresh(tmp_path, ro
                     '--config.model.embed_dim=128', '--config.data.seq_len=256',
                     '--config.train.batch_size=16', f'--config.reuse_host_memory={on}',
                     '--steps=8', '--no-input', f'--json={out}'],
-                   cwd=root, env={**os.environ, 'XLA_FLAGS': ''}, check=True, capture_output=True)
+                   cwd=root, env={**os.environ, 'XLA_FLAGS': xla_flags(1)}, check=True,
+                   capture_output=True)
     runs[on] = json.loads(out.read_text())
   on, off = runs[True], runs[False]
   assert on['final_loss'] == off['final_loss']  # Same init, batch and steps: to the bit.
