@@ -23,8 +23,8 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 # One XLA compilation cache for the session, this process and its subprocesses (empty at the
 # start, removed at the end): the many small runs compile the same programs (the init, train
 # and eval steps of one config) again and again, the subprocesses' most of all (the SIGKILL
-# test: 72 -> 66 s; before the unoptimized codegen above, 127 -> 79 s). A compiled program read back is the program compiled; an entry cut
-# short by a test's SIGKILL is recompiled (JAX warns).
+# test: 72 -> 66 s; before the unoptimized codegen above, 127 -> 79 s). A compiled program read
+# back is the program compiled; an entry cut short by a test's SIGKILL is recompiled (JAX warns).
 _CACHE = tempfile.mkdtemp(prefix='jaxft-test-xla-cache-')
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
