@@ -81,7 +81,6 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 12
 
 
-
 def test_metrics_log_writes_tensorboard_without_importing_torch(tmp_path):
   """tensorboardX imports torch when it is installed (here it is, for the HF tests): the run's
   writer keeps it out, ~4 s off every run's start."""
@@ -92,9 +91,10 @@ def test_metrics_log_writes_tensorboard_without_importing_torch(tmp_path):
   assert done.stdout.split()[-1] == 'False', done.stderr
   [events] = glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
   assert b'train/loss' in open(events, 'rb').read()
-  import torch  # noqa: F401  (In a process that has it, it is left as it was.)
+  import torch  # In a process that has it, it is left as it was.
   train.summary_writer(str(tmp_path / 'tb2')).close()
   assert sys.modules['torch'] is torch
+
 
 def test_the_final_step_is_saved_before_the_final_evaluations(tmp_path, monkeypatch, capsys):
   """Stopped during the evaluations of whole splits at the end (a preemption, Ctrl-C), the run
