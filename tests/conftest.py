@@ -16,6 +16,9 @@ def xla_flags(devices):
           '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false')
 
 
+# What those two flags turn off, as `compiler_options` for one compile, where a test needs the
+# machine code a user's run gets.
+DEFAULT_CODEGEN = {'xla_backend_optimization_level': 3, 'xla_cpu_use_fusion_emitters': True}
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags(8)).strip()
 # The CPU only, here and in the tests' subprocesses: the `aot` extra's GPU and TPU plugins (for
 # jaxft.bench --target) would otherwise look for their devices.

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
-from conftest import SMALL, small_config, xla_flags
+from conftest import DEFAULT_CODEGEN, SMALL, small_config, xla_flags
 from jaxft import bench, data, model as model_lib, objectives, sharding, tokenizer, train
 from jaxft.config import ConfigError
 
@@ -78,7 +78,8 @@ CASES = [  # (id, overrides, tolerances, evidence(switch counts, baseline counts
      lambda c, b: c['dtype:int8'] > 0 and c['dtype:uint8'] > 0 and b['dtype:int8'] == 0),
     # On by default, so the case turns it off: the residual-stream gradient no longer written
     # once per block (the in-place rewrite of position 0 below is gone).
-    # Measured: 0, 0 under XLA's default CPU codegen; 2.8e-7 params under the tests' (conftest.py).
+    # Measured: 0, 2.8e-7 under the tests' codegen (conftest.py); bit for bit under XLA's default
+    # one (test_grad_barrier_changes_no_arithmetic_under_xlas_default_codegen).
     ('grad_barrier_off', dict(model__grad_barrier=False), FP32,
      lambda c, b: c['dynamic_update_slice'] < b['dynamic_update_slice']),
     # The optimizer state kept in host memory: moved to the device and back every step.
@@ -116,8 +117,9 @@ def init():
   return jax.device_get(built.init_fn())
 
 
-def run(cfg, init, batches, devices=None):
-  """STEPS train steps of `cfg` from `init` on the fixed batches: (losses, final params)."""
+def run(cfg, init, batches, devices=None, compiler_options=None):
+  """STEPS train steps of `cfg` from `init` on the fixed batches: (losses, final params); the
+  step compiled with `compiler_options` (XLA flags) where given."""
   devices = jax.devices()[:1] if devices is None else devices
   mesh, _, built = parts(cfg, devices)
   if cfg.optim.moments_dtype == 'int8':  # Codes and scales: the one optimizer state of its own.
@@ -130,9 +132,13 @@ def run(cfg, init, batches, devices=None):
     start = jax.tree.unflatten(treedef, [np.asarray(x).astype(a.dtype)
                                          for x, a in zip(jax.tree.leaves(init), leaves)])
     state = jax.device_put(start, built.shardings)
+  step = built.train_step
+  if compiler_options:
+    step = step.lower(state, sharding.shard_batch(batches[0], mesh)).compile(
+        compiler_options=compiler_options)
   losses = []
   for batch in batches:
-    state, metrics = built.train_step(state, sharding.shard_batch(batch, mesh))
+    state, metrics = step(state, sharding.shard_batch(batch, mesh))
     losses.append(float(metrics['loss']))
   return np.array(losses), jax.device_get(state['params'])
 
@@ -169,6 +175,14 @@ def test_switch_trains_like_baseline(name, overrides, tolerance, evidence, init,
   print(name, diff)
   assert_within(diff, tolerance, name)
   assert got[0][-1] < got[0][0]  # It trains.
+
+
+def test_grad_barrier_changes_no_arithmetic_under_xlas_default_codegen(init, batches):
+  """Compiled as a user's run is, the barrier on and off give the same losses and params bit
+  for bit: it only moves a fusion boundary."""
+  on, off = (run(small_config(**ONE, model__grad_barrier=b), init, batches,
+                 compiler_options=DEFAULT_CODEGEN) for b in (True, False))
+  assert_within(differences(off, on), dict(loss=0, params=0), 'grad_barrier_off')
 
 
 def test_switches_on_8_devices_match_one(init, batches, baseline):
