@@ -63,6 +63,11 @@ unset XLA_PYTHON_CLIENT_MEM_FRACTION
 # loss should agree with the first line's to bf16 rounding.
 bench gpt2_xla_attention $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
   --config.model.attention=einsum --steps=20 "$@"
+# 124M without the residual-gradient barrier (a CPU-motivated default: does it cost on GPU?) and
+# at twice the batch (does a larger step lift MFU?).
+bench gpt2_no_grad_barrier $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
+  --config.model.grad_barrier=False --steps=20 "$@"
+bench gpt2_b32 $bf16 --config.model.size=gpt2 --config.train.batch_size=32 --steps=20 "$@"
 # 124M with jax.nn.logsumexp's max-then-sum (model.logsumexp, two passes over the float32 logits;
 # 'auto' is one_pass on GPU): does reading the logits once less pay on the device?
 bench gpt2_two_pass_logsumexp $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
