@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# The accelerator figures of the performance issue in one run, sized for one lent GPU session (a
-# 10-minute command): training throughput and MFU at GPT-2 124M and 1.5B (bf16 compute, fp32
-# params + AdamW, T=1024), real steps of a 6.7B GPT-2-family model (L=32, D=4096, int8 AdamW
-# moments, B=4 without remat; B=1 with full remat if that fails) in the memory an 80 GB H100
-# gives JAX, then 124M with XLA's attention instead of cuDNN's, 124M with the two-pass logsumexp
-# instead of GPU's one-pass default, and XLA's plan for the 6.7B model with its optimizer state
-# offloaded to the host.
+# The accelerator figures of the performance issue, in order of importance: training throughput
+# and MFU at GPT-2 124M and 1.5B (bf16 compute, fp32 params + AdamW, T=1024), real steps of a
+# 6.7B GPT-2-family model (L=32, D=4096, int8 AdamW moments, B=4 without remat; B=1 with full
+# remat if that fails) in the memory an 80 GB H100 gives JAX, then 124M with XLA's attention
+# instead of cuDNN's, without the grad barrier, at B=32 and with the two-pass logsumexp, and
+# XLA's plan for the 6.7B model with its optimizer state offloaded to the host.
 #
-#   bash experiments/gpu_bench.sh OUT_DIR [extra jaxft.bench flags]
+#   [BENCHES='name ...'] [BENCH_TIMEOUT=300] bash experiments/gpu_bench.sh OUT_DIR [bench flags]
 #
-# Writes OUT_DIR/results.jsonl (one jaxft.bench --json line per measurement, in this order) and
+# Writes OUT_DIR/results.jsonl (each measurement's jaxft.bench --json, in this order) and
 # OUT_DIR/bench.log (every command's output), and goes on past a failed one (an out-of-memory is
-# a result too; each command has BENCH_TIMEOUT seconds, default 300). The 6.7B plans with fp32
-# and int8 moments need no GPU: `--target=h100` as the extra flag gives XLA's H100 plan of every
-# command here on a CPU box (README, Benchmark); the offload plan is refused there.
-# On a GPU image with jax, optax and orbax but not ml-collections, carry jaxft's pure-Python
-# wheels (experiments/README.md, Accelerator figures).
+# a result too; each command has BENCH_TIMEOUT seconds). BENCHES runs only the measurements
+# named (the names below; the B=1 remat fallback runs only after the B=4 attempt fails). The
+# whole list does not fit one 10-minute command: on an H200 (2026-12-04) the 124M step compiled
+# in 65 s and 1.5B in 105 s, and the 6.7B run was still silent after ~290 s (that bench printed no
+# progress then), so run it alone (BENCHES=run_6.7b_int8_80gb BENCH_TIMEOUT=560).
+# `--target=h100` as the extra flag gives XLA's H100 plan of every command on a CPU box (README,
+# Benchmark); the offload plan is refused there. On a GPU image with jax, optax, orbax and flax
+# but not ml-collections, carry that and tensorboardX as wheels (experiments/README.md,
+# Accelerator figures).
 set -uo pipefail
 out=${1:?usage: gpu_bench.sh OUT_DIR [extra bench flags]}
 shift
@@ -32,6 +35,7 @@ lean='--config.train.batch_size=1 --config.model.remat=nothing_saveable'
 bench() {  # name, then jaxft.bench arguments; fails if the command did
   local name=$1 rc=0
   shift
+  [ -z "${BENCHES:-}" ] || [[ " $BENCHES " == *" $name "* ]] || return 0
   echo "== $name: python -m jaxft.bench $*" | tee -a "$out/bench.log"
   timeout "${BENCH_TIMEOUT:-300}" python3 -m jaxft.bench "$@" --json="$out/$name.json" \
     >"$out/$name.log" 2>&1 || rc=$?

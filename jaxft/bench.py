@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 
 import jax
@@ -147,6 +148,12 @@ def synthetic_batch(objective, tok, data_cfg, batch_size):
   return {k: v[:batch_size] for k, v in objective.encode(records, tok, data_cfg).items()}
 
 
+def progress(what):
+  """A stage reached, on stderr as it happens: a run killed at its time limit (a lent
+  machine's, say) still shows how far it got and what each stage took."""
+  print(f'bench: {what}', file=sys.stderr, flush=True)
+
+
 def jax_trainer(cfg, allocate=True, target=None):
   """(model config, matmul params, step() running one blocking train step, compile report). The
   step is compiled against the abstract state, so `allocate=False` plans a config's memory
@@ -172,6 +179,7 @@ def jax_trainer(cfg, allocate=True, target=None):
   first = mesh.devices.flat[0]
   report = {'platform': first.platform, 'device_kind': first.device_kind, 'devices': mesh.size,
             'mesh': dict(mesh.shape), 'target': target}
+  progress(f'compiling the train step ({first.device_kind})')
   t0 = time.perf_counter()
   try:
     compiled = built.train_step.lower(abstract, batch).compile()
@@ -184,9 +192,13 @@ def jax_trainer(cfg, allocate=True, target=None):
                                              'compile_error': str(e).splitlines()[0][:300]}
   report['compile_s'] = round(time.perf_counter() - t0, 2)
   report.update(memory_report(compiled, built.abstract, limit))
+  progress(f"compiled in {report['compile_s']} s")
   if not allocate:
     return built.model_cfg, n_matmul, None, report
-  state = [built.init_fn()]
+  t0 = time.perf_counter()
+  state = [jax.block_until_ready(built.init_fn())]
+  report['init_s'] = round(time.perf_counter() - t0, 2)
+  progress(f"state initialised in {report['init_s']} s; timing steps")
 
   def step():
     state[0], metrics = compiled(state[0], batch)

@@ -334,8 +334,13 @@ def test_bench_main_compare_hf(tmp_path, capsys, root):
   bench.main([f'--config={os.path.join(root, "configs", "demo.py")}'] +
              [f'--config.{k}={v}' for k, v in SMALL.items()] +
              ['--steps=3', '--warmup=1', '--compare-hf', '--no-input', f'--json={out}'])
-  printed = capsys.readouterr().out
+  captured = capsys.readouterr()
+  printed = captured.out
   r = json.loads(out.read_text())
+  # Each stage is reported on stderr as it is reached (a run killed at a time limit shows how
+  # far it got), with the times the JSON holds.
+  assert (f"bench: compiled in {r['compile_s']} s\n"
+          f"bench: state initialised in {r['init_s']} s; timing steps\n") in captured.err
 
   cfg = small_config()
   model_cfg = objectives.model_config(cfg, tokenizer.build(cfg.tokenizer))
