@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import json
 import math
+import os
 import platform
 import re
 import signal
@@ -602,6 +603,10 @@ def main(argv):
   cfg, workdir = config_lib.parse_args(argv)
   if cfg.reuse_host_memory:
     reuse_host_memory()
+  if cfg.compile_cache:
+    # Keyed by the program, compile options, devices and jax/XLA versions, so a changed config or
+    # upgrade compiles afresh; an unreadable entry is warned about and compiled again.
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cfg.compile_cache))
   initialize_distributed(cfg.distributed)
   if jax.process_index() == 0:
     print(cfg)

@@ -81,6 +81,35 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 12
 
 
+def test_compile_cache_loads_the_step_on_a_rerun_and_recompiles_a_broken_entry(tmp_path, root):
+  """compile_cache: a second run of the same config loads the compiled train step from the cache
+  (XLA does not compile it again) and trains the same losses; an entry cut short (a kill
+  mid-write) is warned about and compiled afresh, with the same losses again."""
+  cache = tmp_path / 'xla'
+  # Every compile is cached (jax keeps only those over 1 s by default), and hits are logged.
+  env = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_LOG_COMPILES': '1'}
+
+  def run(name):
+    wd = str(tmp_path / name)
+    done = subprocess.run([sys.executable, '-m', 'jaxft.train',
+                           *small_argv(wd, train__steps=3, compile_cache=cache)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [l['loss'] for l in metrics(wd) if l['split'] == 'train'], done.stderr
+
+  hit = "Persistent compilation cache hit for 'jit_train_step'"
+  first, log = run('first')
+  assert hit not in log
+  [entry] = glob.glob(str(cache / 'jit_train_step-*'))
+  second, log = run('second')
+  assert hit in log and second == first
+  with open(entry, 'r+b') as f:
+    f.truncate(os.path.getsize(entry) // 2)
+  third, log = run('third')
+  assert "Error reading persistent compilation cache entry for 'jit_train_step'" in log
+  assert third == first
+
+
 def test_metrics_log_writes_tensorboard_without_importing_torch(tmp_path):
   """tensorboardX imports torch when it is installed (here it is, for the HF tests): the run's
   writer keeps it out, ~4 s off every run's start."""
