@@ -48,8 +48,8 @@ SMALL = {
     # train.main / bench.main would retune malloc for the whole test process (process-wide, once):
     # tests/test_switches.py runs that switch in subprocesses.
     'reuse_host_memory': 'False',
-    # train.main would point jax's persistent compilation cache at ~/.cache for the whole test
-    # process (tests/test_train.py runs that switch in subprocesses).
+    # train.main would point jax's persistent compilation cache from the session's (above) to
+    # ~/.cache for the whole test process (tests/test_train.py runs that switch in subprocesses).
     'compile_cache': '',
 }
 
