@@ -77,11 +77,13 @@ def data_fingerprint(workdir):
 
 
 def check_finished(workdir, argv):
-  """A finished run is reused only if it ran the config these settings give now."""
+  """A finished run is reused only if it ran the config these settings give now (where its
+  compiled programs were cached aside: that never changes a result)."""
   from jaxft import config as config_lib
   argv = [f'--config={os.path.join(ROOT, a[9:])}' if a.startswith('--config=') else a for a in argv]
   with open(os.path.join(workdir, 'config.json')) as f:
-    diffs = config_lib.differences(json.load(f), config_lib.parse_args(argv)[0])
+    diffs = [d for d in config_lib.differences(json.load(f), config_lib.parse_args(argv)[0])
+             if d[0] != 'compile_cache']
   if diffs:
     raise RuntimeError(f'{workdir} holds a finished run of other settings (' + '; '.join(
         f'{k}: {a!r} there, {b!r} now' for k, a, b in diffs) + '): give another --out, or '
