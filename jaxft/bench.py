@@ -192,11 +192,20 @@ def jax_trainer(cfg, allocate=True, target=None):
                                              'compile_error': str(e).splitlines()[0][:300]}
   report['compile_s'] = round(time.perf_counter() - t0, 2)
   report.update(memory_report(compiled, built.abstract, limit))
-  progress(f"compiled in {report['compile_s']} s")
+  progress(f"compiled in {report['compile_s']} s; compiling the init")
+  # The init (random params, the optimizer's zero state) is a program of its own: its compile
+  # and its memory (the state it makes + its temporaries) apart from the step's.
+  t0 = time.perf_counter()
+  init = built.init_fn.lower().compile()
+  report['init_compile_s'] = round(time.perf_counter() - t0, 2)
+  report['init_memory_bytes'] = plan_bytes(init.memory_analysis())
+  if 'device_bytes_limit' in report and report['init_memory_bytes'] is not None:
+    report['init_fits'] = report['init_memory_bytes'] <= report['device_bytes_limit']
+  progress(f"init compiled in {report['init_compile_s']} s")
   if not allocate:
     return built.model_cfg, n_matmul, None, report
   t0 = time.perf_counter()
-  state = [jax.block_until_ready(built.init_fn())]
+  state = [jax.block_until_ready(built.init_fn(init))]
   report['init_s'] = round(time.perf_counter() - t0, 2)
   progress(f"state initialised in {report['init_s']} s; timing steps")
 
@@ -205,6 +214,13 @@ def jax_trainer(cfg, allocate=True, target=None):
     return float(metrics['loss'])  # Blocks until the step has run.
 
   return built.model_cfg, n_matmul, step, report
+
+
+def plan_bytes(mem):
+  """A compiled program's device bytes from XLA's memory analysis (None where there is none):
+  arguments + temporaries + outputs, the donated (aliased) arguments counted once."""
+  return mem and (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
 
 def memory_report(compiled, abstract_state, limit=None):
@@ -219,9 +235,7 @@ def memory_report(compiled, abstract_state, limit=None):
   fields = ('argument', 'output', 'alias', 'temp', 'generated_code', 'host_argument',
             'host_output', 'host_temp')
   out['memory_analysis'] = {f: getattr(mem, f'{f}_size_in_bytes', None) for f in fields}
-  # Arguments + temporaries + outputs, the donated (aliased) state counted once.
-  out['step_memory_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                              + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  out['step_memory_bytes'] = plan_bytes(mem)
   limit = limit or (jax.devices()[0].memory_stats() or {}).get('bytes_limit')
   if limit:
     out['device_bytes_limit'] = limit
@@ -389,6 +403,11 @@ def describe(r):
         + (f"; host {size(a['host_argument'] + a['host_temp'])}" if a['host_argument'] else '')
         + (f"; {'fits' if r['fits'] else 'does NOT fit'} in the device's "
            f"{size(r['device_bytes_limit'])}" if 'fits' in r else ''))
+  if r.get('init_memory_bytes') is not None:
+    lines.append(f"init: compile {r['init_compile_s']} s, memory per device "
+                 f"{size(r['init_memory_bytes'])}"
+                 + (f"; {'fits' if r['init_fits'] else 'does NOT fit'}" if 'init_fits' in r
+                    else ''))
   if 'steps' not in r:  # compile_only
     return '\n'.join(lines)
   lines += [
@@ -492,8 +511,9 @@ def main(argv):
     # This process compiles for the target and runs nothing: its own backend stays the CPU,
     # which also keeps the plugins that the target needs from looking for their devices here.
     jax.config.update('jax_platforms', 'cpu')
-  if cfg.reuse_host_memory:
-    train.reuse_host_memory()
+    # A compile-only client cannot load a cached executable back: no persistent cache entries.
+    jax.config.update('jax_enable_compilation_cache', False)
+  train.configure_process(cfg)
   if flags['decode']:
     if opts['target']:
       raise config_lib.ConfigError('--target plans the train step; --decode runs here')

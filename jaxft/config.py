@@ -214,8 +214,8 @@ def write_file(workdir, name, text):
 # (train.steps moves the end of the lr schedule, so the lr from the resumed step on changes.)
 RESUME_FREE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                'train.exact_match_examples', 'train.grad_accum', 'checkpoint.', 'mesh.',
-               'distributed.', 'reuse_host_memory', 'compile_cache', 'optim.offload',
-               'optim.skip_nonfinite',
+               'distributed.', 'reuse_host_memory', 'compile_cache', 'threefry_gpu_kernel',
+               'optim.offload', 'optim.skip_nonfinite',
                'model.attention', 'model.attention_block', 'model.remat', 'model.scan_layers',
                'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp',
                # Where the data is (moved to another disk or bucket): the records themselves are

@@ -29,7 +29,8 @@ from jaxft import checkpoint, config as config_lib, data, evaluate, model as mod
 
 
 def build_state(cfg, model_cfg, tx, mesh):
-  """(graphdef, abstract state, shardings, init fn). Nothing is allocated until init_fn runs."""
+  """(graphdef, abstract state, shardings, init fn). Nothing is allocated until init_fn runs;
+  like a jitted function, init_fn.lower() gives its program lowered, to compile or plan."""
   def init(seed_key):
     params = nnx.state(model_lib.GPT(model_cfg, nnx.Rngs(params=seed_key)), nnx.Param)
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
@@ -43,9 +44,19 @@ def build_state(cfg, model_cfg, tx, mesh):
     shardings['opt_state'] = jax.tree.map(lambda s: s.with_memory_kind('pinned_host'),
                                           shardings['opt_state'])
 
-  def init_fn():
+  init_step = jax.jit(init, out_shardings=shardings)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init_fn(compiled=None):
+    """The initial state; `compiled`: init_fn.lower().compile() (jaxft.bench times that)."""
     with sharding.activate(mesh):
-      return jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
+      return (compiled or init_step)(jax.random.key(cfg.seed))
+
+  def lower_init():  # For `mesh`'s devices, a compile-only target's too; nothing runs.
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    with sharding.activate(mesh):
+      return init_step.lower(jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+  init_fn.lower = lower_init
   return graphdef, abstract, shardings, init_fn
 
 
@@ -599,10 +610,18 @@ def reuse_host_memory():
              ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
 
 
-def main(argv):
-  cfg, workdir = config_lib.parse_args(argv)
+def configure_process(cfg):
+  """The process-wide settings of `cfg` (jaxft.train and jaxft.bench), before the backend
+  starts."""
   if cfg.reuse_host_memory:
     reuse_host_memory()
+  if cfg.threefry_gpu_kernel:
+    jax.config.update('jax_threefry_gpu_kernel_lowering', True)
+
+
+def main(argv):
+  cfg, workdir = config_lib.parse_args(argv)
+  configure_process(cfg)
   if cfg.compile_cache:
     # Keyed by the program, compile options, devices and jax/XLA versions, so a changed config or
     # upgrade compiles afresh; an unreadable entry is warned about and compiled again.

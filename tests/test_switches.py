@@ -339,7 +339,8 @@ def test_bench_main_compare_hf(tmp_path, capsys, root):
   r = json.loads(out.read_text())
   # Each stage is reported on stderr as it is reached (a run killed at a time limit shows how
   # far it got), with the times the JSON holds.
-  assert (f"bench: compiled in {r['compile_s']} s\n"
+  assert (f"bench: compiled in {r['compile_s']} s; compiling the init\n"
+          f"bench: init compiled in {r['init_compile_s']} s\n"
           f"bench: state initialised in {r['init_s']} s; timing steps\n") in captured.err
 
   cfg = small_config()
@@ -385,7 +386,8 @@ def test_bench_compile_only_plans_memory_without_allocating(tmp_path, capsys, ro
 
   def no_init(*args):
     built = setup(*args)
-    built.init_fn = lambda: pytest.fail('--compile-only initialised the state')
+    never = lambda compiled=None: pytest.fail('--compile-only initialised the state')
+    never.lower, built.init_fn = built.init_fn.lower, never  # Planned, never run.
     return built
   monkeypatch.setattr(train, 'setup', no_init)
   bench.main([f'--config={os.path.join(root, "configs", "demo.py")}'] +
@@ -408,7 +410,10 @@ def test_bench_compile_only_plans_memory_without_allocating(tmp_path, capsys, ro
   assert r['step_memory_bytes'] == a['argument'] + a['temp'] + a['output'] - a['alias'] > 0
   assert 'steps' not in r and 'tokens_per_s' not in r
   assert 'step memory per device' in printed and 'int8 moments' in printed
-  assert 'fits' not in r  # The CPU reports no device memory limit ...
+  assert 'fits' not in r and 'init_fits' not in r  # The CPU reports no device memory limit ...
+  # The init, planned on its own: the state it makes, and its temporaries.
+  assert r['init_compile_s'] > 0 and r['init_memory_bytes'] >= sum(r['state_bytes'].values())
+  assert f"init: compile {r['init_compile_s']} s, memory per device" in printed
 
   # ... a GPU does: the plan is set against it.
   batch = bench.synthetic_batch(objective, tokenizer.build(cfg.tokenizer), cfg.data,
@@ -457,6 +462,7 @@ def test_bench_target_plans_the_step_for_chips_this_machine_lacks(tmp_path, caps
   assert r['step_memory_bytes'] == a['argument'] + a['temp'] + a['output'] - a['alias'] > 0
   assert r['device_bytes_limit'] == int(84_942_979_072 * 0.95) and r['fits']
   assert 'steps' not in r and 'compiled for target h100' in printed and 'fits in' in printed
+  assert r['init_fits'] and r['init_memory_bytes'] >= sum(r['state_bytes'].values())
 
   # 8.6B params (an 8M-row vocab): 34 GB of fp32 params and 69 GB of moments.
   huge = {'model.vocab_size': str(2 ** 23), 'model.embed_dim': '1024'}
@@ -483,6 +489,34 @@ def test_bench_target_plans_the_step_for_chips_this_machine_lacks(tmp_path, caps
     plan('a100')
   with pytest.raises(ConfigError, match=r'optim\.offload with --target: .* no host memory'):
     plan('h100', **{'optim.offload': 'True'})
+
+
+def test_threefry_gpu_kernel_draws_the_init_with_jaxs_cuda_kernel_in_the_h100_plan():
+  """threefry_gpu_kernel: in XLA's H100 plan of the init every random draw is one call of JAX's
+  CUDA threefry kernel instead of the cipher's rounds in XLA ops (a program a fraction of the
+  size), and bench reports the init's compile and memory plan apart from the step's. The flag
+  lowers GPU programs only: the state initialised on this CPU is the same to the bit. (That the
+  kernel's bits are XLA's is JAX's to test; experiments/gpu_bench.sh compares the two on a GPU.)"""
+  devices, _ = bench.target_devices('h100')
+  kernel = 'custom_call_target="cu_threefry2x32'
+  plans, states = {}, {}
+  width = {'model__embed_dim': 48}  # (Not the init another test's bench planned for an H100.)
+  for on in (False, True):
+    cfg = small_config(threefry_gpu_kernel=on, **width)
+    try:
+      train.configure_process(cfg)
+      plans[on] = parts(cfg, devices)[2].init_fn.lower().compile().as_text()
+      states[on] = jax.device_get(parts(cfg, jax.devices()[:1])[2].init_fn())
+    finally:
+      jax.config.update('jax_threefry_gpu_kernel_lowering', False)
+  cfg = small_config(**width)
+  draws = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(
+      parts(cfg, jax.devices()[:1])[2].abstract['params']) if 'kernel' in str(path) or 'wte' in
+      str(path) or 'wpe' in str(path))
+  assert kernel not in plans[False] and plans[True].count(kernel) >= draws, draws
+  print('plan characters with / without the kernel:', len(plans[True]), len(plans[False]))
+  assert len(plans[True]) < 0.5 * len(plans[False])  # Measured: 0.39.
+  jax.tree.map(np.testing.assert_array_equal, states[True], states[False])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc\'s')
