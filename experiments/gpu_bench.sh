@@ -16,8 +16,9 @@
 # whole list does not fit one 10-minute command: on an H200 (2026-12-04) the 124M step compiled
 # in 65 s and 1.5B in 105 s, and the 6.7B run was still silent after ~290 s (that bench printed no
 # progress then), so run it alone (BENCHES=run_6.7b_int8_80gb BENCH_TIMEOUT=560). XLA's H100
-# compile of that step took 230 s on a 2-core CPU box then, 113-120 s since the int8 moments'
-# stochastic rounding draws from optim.hash_uniform instead of jax.random.
+# compile of that step took 230 s on a 2-core CPU box then, 92-97 s since the int8 moments'
+# stochastic rounding draws from optim.hash_uniform instead of jax.random (and one reduction per
+# param gives both moments' row scales).
 # `--target=h100` as the extra flag gives XLA's H100 plan of every command on a CPU box (README,
 # Benchmark); the offload plan is refused there. On a GPU image with jax, optax, orbax and flax
 # but not ml-collections, carry that and tensorboardX as wheels (experiments/README.md,

@@ -115,9 +115,14 @@ def int8_moments(adam, b1, b2):
       return v.replace(jnp.zeros(v.shape[:-1] + (1,)), out_sharding=axes[:-1] + (None,))
     return leaf_map(zero, params)
 
-  def bound(scales, grads, b, k):
-    return leaf_map(lambda s, g: s.replace(b * s[...] + (1 - b) * jnp.max(
-        jnp.abs(g[...]) ** k, axis=-1, keepdims=True)), scales, grads)
+  def bounds(state, grads):
+    """mu's and nu's new row scales from one reduction per param, max g^2 being (max |g|)^2:
+    XLA kept two apart (6.7B H100 plan: 4,305 -> 3,843 fusions, its compile 113 -> 92-97 s)."""
+    row_max = leaf_map(lambda s, g: s.replace(jnp.max(jnp.abs(g[...]), axis=-1, keepdims=True)),
+                       state.mu_scale, grads)
+    bound = lambda scales, b, k: leaf_map(
+        lambda s, m: s.replace(b * s[...] + (1 - b) * m[...] ** k), scales, row_max)
+    return bound(state.mu_scale, b1, 1), bound(state.nu_scale, b2, 2)
 
   def encode(moments, scales, code, count=None):
     leaves, treedef = jax.tree.flatten(moments, is_leaf=is_var)
@@ -140,7 +145,7 @@ def int8_moments(adam, b1, b2):
     full = optax.ScaleByAdamState(state.count, decode(state.mu, state.mu_scale, MU_CODE),
                                   decode(state.nu, state.nu_scale, NU_CODE))
     updates, full = adam.update(grads, full, params)
-    mu_scale, nu_scale = bound(state.mu_scale, grads, b1, 1), bound(state.nu_scale, grads, b2, 2)
+    mu_scale, nu_scale = bounds(state, grads)
     return updates, Int8AdamState(full.count, encode(full.mu, mu_scale, MU_CODE), mu_scale,
                                   encode(full.nu, nu_scale, NU_CODE, full.count), nu_scale)
 
