@@ -77,13 +77,13 @@ def data_fingerprint(workdir):
 
 
 def check_finished(workdir, argv):
-  """A finished run is reused only if it ran the config these settings give now (where its
-  compiled programs were cached aside: that never changes a result)."""
+  """A finished run is reused only if it ran the config these settings give now (apart from
+  config.PROCESS_ONLY, the process's settings: those never change a result)."""
   from jaxft import config as config_lib
   argv = [f'--config={os.path.join(ROOT, a[9:])}' if a.startswith('--config=') else a for a in argv]
   with open(os.path.join(workdir, 'config.json')) as f:
     diffs = [d for d in config_lib.differences(json.load(f), config_lib.parse_args(argv)[0])
-             if d[0] != 'compile_cache']
+             if d[0] not in config_lib.PROCESS_ONLY]
   if diffs:
     raise RuntimeError(f'{workdir} holds a finished run of other settings (' + '; '.join(
         f'{k}: {a!r} there, {b!r} now' for k, a, b in diffs) + '): give another --out, or '

@@ -210,17 +210,20 @@ def write_file(workdir, name, text):
   path.write_text(text)
 
 
+# Settings of the process a run ran in, which leave its results the same to the bit: a finished
+# run is reused whatever they were (experiments/ablate.py).
+PROCESS_ONLY = ('reuse_host_memory', 'compile_cache', 'threefry_gpu_kernel')
 # What a rerun may change and still resume: how the run is carried out, not what it computes.
 # (train.steps moves the end of the lr schedule, so the lr from the resumed step on changes.)
-RESUME_FREE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-               'train.exact_match_examples', 'train.grad_accum', 'checkpoint.', 'mesh.',
-               'distributed.', 'reuse_host_memory', 'compile_cache', 'threefry_gpu_kernel',
-               'optim.offload', 'optim.skip_nonfinite',
-               'model.attention', 'model.attention_block', 'model.remat', 'model.scan_layers',
-               'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp',
-               # Where the data is (moved to another disk or bucket): the records themselves are
-               # compared by the fingerprints saved with each checkpoint.
-               'data.train', 'data.val', 'data.test', 'data.tfds_data_dir')
+RESUME_FREE = PROCESS_ONLY + (
+    'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+    'train.exact_match_examples', 'train.grad_accum', 'checkpoint.', 'mesh.',
+    'distributed.', 'optim.offload', 'optim.skip_nonfinite',
+    'model.attention', 'model.attention_block', 'model.remat', 'model.scan_layers',
+    'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp',
+    # Where the data is (moved to another disk or bucket): the records themselves are
+    # compared by the fingerprints saved with each checkpoint.
+    'data.train', 'data.val', 'data.test', 'data.tfds_data_dir')
 
 
 def differences(saved, cfg):

@@ -76,6 +76,10 @@ def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypa
   assert ablate.run_one('configs/demo.py', 'cell', {}, 0, sets, str(tmp_path), None) == wd
   record = json.load(open(os.path.join(wd, 'run.json')))
   assert record['git_commit'] == 'abc' and len(record['data_fingerprint']) == 16
+  # The process's own settings (config.PROCESS_ONLY) change no result: still reused.
+  process = ['reuse_host_memory=True', 'threefry_gpu_kernel=True', f'compile_cache={tmp_path}']
+  assert ablate.run_one('configs/demo.py', 'cell', {}, 0, sets + process, str(tmp_path),
+                        None) == wd
   # A failing --eval-as evaluation stops the sweep with evaluate's own error.
   failed = subprocess.CompletedProcess([], 1, '', 'error: --objective=next_token needs ...')
   monkeypatch.setattr(ablate.subprocess, 'run', lambda *a, **k: failed)
