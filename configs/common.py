@@ -61,6 +61,11 @@ def get_config(arg=None):
   c.model.logsumexp = 'auto'  # The loss's logsumexp over the vocab: 'two_pass' (max, then sum),
   # 'one_pass' (running max and sum in one reduction: the float32 logits read once less) or
   # 'auto': one_pass on GPU, where those reads are the cost, two_pass elsewhere (CPU: faster).
+  c.model.layernorm_vjp = False  # LayerNorm's backward from the saved per-row mean and 1/std:
+  # no float32 [batch, length, embed] product written for the scale gradient's reduction.
+  c.model.logits_dtype = 'float32'  # The loss's LM-head logits: 'float32', or 'compute'
+  # (model.dtype: under bf16 the [tokens, vocab] logits are stored and read at half the bytes;
+  # the logsumexp still sums in float32).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Pure data parallel replicas; -1 takes the devices left over.

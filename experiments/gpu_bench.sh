@@ -4,7 +4,8 @@
 # 6.7B GPT-2-family model (L=32, D=4096, int8 AdamW moments, B=4 without remat; B=1 with full
 # remat if that fails) in the memory an 80 GB H100 gives JAX, then 124M with XLA's attention
 # instead of cuDNN's, without the grad barrier, at B=32, with the two-pass logsumexp and with the
-# init drawn by JAX's CUDA threefry kernel, and XLA's plan for the 6.7B model with its optimizer
+# init drawn by JAX's CUDA threefry kernel, with LayerNorm's backward from saved statistics and
+# bf16 logits for the loss, and XLA's plan for the 6.7B model with its optimizer
 # state offloaded to the host.
 #
 #   [BENCHES='name ...'] [BENCH_TIMEOUT=300] bash experiments/gpu_bench.sh OUT_DIR [bench flags]
@@ -87,4 +88,12 @@ bench gpt2_two_pass_logsumexp $bf16 --config.model.size=gpt2 --config.train.batc
 # as the first line's to the bit, and a shorter init_compile_s.
 bench gpt2_threefry_kernel $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
   --config.threefry_gpu_kernel=True --steps=20 "$@"
+# 124M with LayerNorm's backward from saved row statistics, then also with bf16 logits for the
+# loss: XLA's H100 plan counts 64.7 -> 62.5 -> 57.5 GB of kernel traffic per step (and 10.8 ->
+# 10.8 -> 7.8 GiB); do the steps follow? The first's final loss should be the gpt2 row's within
+# float32 rounding, the second's within bf16 rounding of the logits.
+bench gpt2_layernorm_vjp $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
+  --config.model.layernorm_vjp=True --steps=20 "$@"
+bench gpt2_lean_loss $bf16 --config.model.size=gpt2 --config.train.batch_size=16 \
+  --config.model.layernorm_vjp=True --config.model.logits_dtype=compute --steps=20 "$@"
 bench plan_6.7b_offload $bf16 $b67 $lean --config.optim.offload=True --compile-only "$@"

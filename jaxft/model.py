@@ -5,6 +5,7 @@ mlp.c_fc, mlp.c_proj, ln_f) so that HF conversion is a rename/reshape table. Att
 the head axis explicit ([embed, 3, heads, head_dim]) so tensor parallelism can split heads.
 """
 import dataclasses
+import functools
 import math
 
 import jax
@@ -15,6 +16,7 @@ from jaxft.config import ConfigError
 
 ATTENTION = ('auto', 'einsum', 'causal_blocks', 'dot_product')
 LOGSUMEXP = ('auto', 'two_pass', 'one_pass')
+LOGITS_DTYPES = ('float32', 'compute')
 DTYPES = ('float32', 'bfloat16', 'float16')  # model.dtype: the compute dtype.
 HEAD = 'score'  # The classification head: the one param only some objectives have.
 
@@ -48,6 +50,8 @@ class GPTConfig:
   grad_barrier: bool = True  # Write the residual-stream gradient once per block boundary.
   loss_chunk: int = 0  # Tokens per chunk of LM-head logits in the loss; 0 = all at once.
   logsumexp: str = 'two_pass'  # The loss's logsumexp: 'one_pass' reads the logits once.
+  layernorm_vjp: bool = False  # LayerNorm's backward from saved row statistics.
+  logits_dtype: str = 'float32'  # The loss's LM-head logits: 'float32' or 'compute' (model.dtype).
   tokenizer_vocab: int = 0  # Ids the tokenizer uses; logits of the padding ids beyond are masked.
   num_labels: int = 0  # > 0 adds the classification head `score` (HF GPT2ForSequenceClassification).
 
@@ -97,6 +101,10 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
     raise ConfigError(f'unknown model.logsumexp {logsumexp!r}; known: {", ".join(LOGSUMEXP)}')
   if logsumexp == 'auto':  # One pass where the logits' reads cost most (README, Benchmark).
     logsumexp = 'one_pass' if platform == 'gpu' else 'two_pass'
+  logits_dtype = switch('logits_dtype')
+  if logits_dtype not in LOGITS_DTYPES:
+    raise ConfigError(f'unknown model.logits_dtype {logits_dtype!r}; known: '
+                      f'{", ".join(LOGITS_DTYPES)}')
   remat = switch('remat')
   if remat != 'none' and not hasattr(jax.checkpoint_policies, remat):
     raise ConfigError(f'unknown model.remat {remat!r}; known: none, ' + ', '.join(
@@ -110,7 +118,8 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
                    flash=flash and attention == 'dot_product',
                    remat=remat, scan_layers=switch('scan_layers'),
                    grad_barrier=switch('grad_barrier'), loss_chunk=switch('loss_chunk'),
-                   logsumexp=logsumexp)
+                   logsumexp=logsumexp, layernorm_vjp=switch('layernorm_vjp'),
+                   logits_dtype=logits_dtype)
 
 
 def path_str(key_path):
@@ -121,17 +130,19 @@ def path_str(key_path):
   return '/'.join(str(p) for p in parts)
 
 
-@jax.custom_vjp
-def head_matmul(h_ND, w_VD):
-  """The LM head's logits h @ w^T [..., vocab], accumulated and returned in float32. Autodiff of
-  a dot with preferred_element_type=float32 hands its float32 cotangent to both backward matmuls
-  ([..., vocab] x [vocab, embed] and the wte gradient), so under bf16 compute they would run in
-  float32, the step's largest matmuls after the forward's; here the logit gradient is cast to the
-  compute dtype first, as every other matmul's backward already is. Identical in float32."""
-  return jnp.einsum('...d,vd->...v', h_ND, w_VD, preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_matmul(h_ND, w_VD, out_dtype=jnp.float32):
+  """The LM head's logits h @ w^T [..., vocab], accumulated in float32 and returned in out_dtype.
+  Autodiff of a dot with preferred_element_type=float32 hands its float32 cotangent to both
+  backward matmuls ([..., vocab] x [vocab, embed] and the wte gradient), so under bf16 compute
+  they would run in float32, the step's largest matmuls after the forward's; here the logit
+  gradient is cast to the compute dtype first, as every other matmul's backward already is.
+  Identical in float32."""
+  return jnp.einsum('...d,vd->...v', h_ND, w_VD, preferred_element_type=jnp.float32
+                    ).astype(out_dtype)
 
 
-def _head_matmul_bwd(res, g_NV):
+def _head_matmul_bwd(out_dtype, res, g_NV):
   h_ND, w_VD = res
   g_NV = g_NV.astype(h_ND.dtype)
   return (jnp.einsum('...v,vd->...d', g_NV, w_VD),
@@ -139,7 +150,7 @@ def _head_matmul_bwd(res, g_NV):
                      ).astype(w_VD.dtype))
 
 
-head_matmul.defvjp(lambda h_ND, w_VD: (head_matmul(h_ND, w_VD), (h_ND, w_VD)),
+head_matmul.defvjp(lambda h_ND, w_VD, out_dtype: (head_matmul(h_ND, w_VD, out_dtype), (h_ND, w_VD)),
                    _head_matmul_bwd)
 
 
@@ -220,20 +231,54 @@ def _dropout(x, rate, key):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def _layer_norm(x_BLD, scale_D, bias_D, eps):
+  """(y, its mean and 1/std per row). Statistics in fp32 even under bf16 compute: LayerNorm is
+  where bf16 loses precision."""
+  x = x_BLD.astype(jnp.float32)
+  mean_BL1 = x.mean(-1, keepdims=True)
+  rstd_BL1 = jax.lax.rsqrt(jnp.square(x - mean_BL1).mean(-1, keepdims=True) + eps)
+  return ((x - mean_BL1) * rstd_BL1 * scale_D + bias_D).astype(x_BLD.dtype), (mean_BL1, rstd_BL1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_saved_stats(x_BLD, scale_D, bias_D, eps):
+  """LayerNorm whose backward keeps only x and the per-row mean and 1/std (float32 [B, L, 1])
+  and recomputes the normalised x from them: no row reduction left in the backward's scale and
+  bias gradients. Autodiff instead recomputes the statistics and hands the float32 [B, L, D]
+  product g * x_hat to a separate column reduction (XLA's H100 plan of gpt2 B=16: one float32
+  write and read of it per LayerNorm). The same math within float32 rounding."""
+  return _layer_norm(x_BLD, scale_D, bias_D, eps)[0]
+
+
+def _layer_norm_fwd(x_BLD, scale_D, bias_D, eps):
+  y_BLD, stats = _layer_norm(x_BLD, scale_D, bias_D, eps)
+  return y_BLD, (x_BLD, scale_D, jax.lax.optimization_barrier(stats))
+
+
+def _layer_norm_bwd(eps, res, g_BLD):
+  x_BLD, scale_D, (mean_BL1, rstd_BL1) = res
+  xhat = (x_BLD.astype(jnp.float32) - mean_BL1) * rstd_BL1
+  g = g_BLD.astype(jnp.float32)
+  gs = g * scale_D
+  dx = rstd_BL1 * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+  rows = tuple(range(x_BLD.ndim - 1))
+  return dx.astype(x_BLD.dtype), jnp.sum(g * xhat, rows), jnp.sum(g, rows)
+
+
+layer_norm_saved_stats.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, rngs):
-    self.eps = cfg.ln_eps
+    self.eps, self.saved_stats = cfg.ln_eps, cfg.layernorm_vjp
     self.scale = nnx.Param(jnp.ones((cfg.embed_dim,)), out_sharding=('embed',))
     self.bias = _param(rngs, (cfg.embed_dim,), ('embed',))
 
   def __call__(self, x_BLD):
-    # Statistics in fp32 even under bf16 compute: LayerNorm is where bf16 loses precision.
-    x = x_BLD.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(x_BLD.dtype)
+    if self.saved_stats:
+      return layer_norm_saved_stats(x_BLD, self.scale[...], self.bias[...], self.eps)
+    return _layer_norm(x_BLD, self.scale[...], self.bias[...], self.eps)[0]
 
 
 class Attention(nnx.Module):
@@ -414,22 +459,24 @@ class GPT(nnx.Module):
       new_cache.append((k_BMHK, v_BMHK))
     return self.ln_f(x_BLD), new_cache
 
-  def logits(self, hidden_BLD):
-    """Tied LM head, float32 logits [..., vocab] ([batch, length] or [tokens] before); padding
-    ids (>= tokenizer_vocab) get -1e9 added, so the padded vocab changes no probability (and HF
-    exports can drop those rows). An added constant, not a select: its gradient is the identity,
-    so the backward pass makes no masked copy of the [tokens, vocab] logit gradient."""
-    logits_BLV = head_matmul(hidden_BLD, self.wte[...].astype(hidden_BLD.dtype))
+  def logits(self, hidden_BLD, dtype=jnp.float32):
+    """Tied LM head, logits [..., vocab] ([batch, length] or [tokens] before), float32 unless
+    `dtype` says otherwise; padding ids (>= tokenizer_vocab) get -1e9 added, so the padded vocab
+    changes no probability (and HF exports can drop those rows). An added constant, not a
+    select: its gradient is the identity, so the backward pass makes no masked copy of the
+    [tokens, vocab] logit gradient."""
+    logits_BLV = head_matmul(hidden_BLD, self.wte[...].astype(hidden_BLD.dtype), dtype)
     if 0 < self.cfg.tokenizer_vocab < self.cfg.vocab_size:
       padding_V = jnp.arange(self.cfg.vocab_size) >= self.cfg.tokenizer_vocab
-      logits_BLV += jnp.where(padding_V, -1e9, 0.)
+      logits_BLV += jnp.where(padding_V, -1e9, 0.).astype(dtype)
     return logits_BLV
 
   def token_losses(self, hidden_BLD, targets_BL):
     """Next-token cross-entropy [batch, length] from the final hidden states. With cfg.loss_chunk
     the [tokens, vocab] logits exist loss_chunk tokens at a time and are recomputed in the
     backward pass, so full float32 logits (B*L*V*4 bytes) are never held."""
-    ce = lambda h_NxD, t_N: cross_entropy(self.logits(h_NxD), t_N,
+    dtype = hidden_BLD.dtype if self.cfg.logits_dtype == 'compute' else jnp.float32
+    ce = lambda h_NxD, t_N: cross_entropy(self.logits(h_NxD, dtype).astype(jnp.float32), t_N,
                                           self.cfg.logsumexp == 'one_pass')
     n = self.cfg.loss_chunk
     B, L, D = hidden_BLD.shape
