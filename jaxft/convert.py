@@ -239,10 +239,14 @@ def hf_tensors(hf_dir, model_cfg, new_ok=lambda path: False):
     if saved != hf_shape:
       problems.append(f'{name}: checkpoint {saved} vs model {hf_shape}')
     rows.append((path, name, shape, kind))
+  used = {name for _, name, _, _ in rows}
+  # Weights of blocks beyond the config's n_layer: its config.json does not describe them.
+  problems += [f'{n}: not in the model (config.json has n_layer={model_cfg.num_layers})'
+               for n in sorted(index) if n not in used and
+               int((re.match(r'transformer\.h\.(\d+)\.', n) or [0, -1])[1]) >= model_cfg.num_layers]
   if problems:
     raise checkpoint.CheckpointMismatch(f'{hf_dir} does not fit the model ({len(problems)} '
                                         f'differences):\n  ' + '\n  '.join(problems))
-  used = {name for _, name, _, _ in rows}
   report = {'loaded': [r[0] for r in rows], 'source': hf_dir,
             'new': [p for p, *_ in table(model_cfg) if p not in {r[0] for r in rows}],
             'ignored': sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))}
@@ -342,11 +346,24 @@ def read_params(params_dir, paths):
   return {model_lib.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(out)}
 
 
+def check_tokenizer(cfg, tok, directory, step):
+  """Refuse a tokenizer that encodes text differently from the one checkpoint `step` was
+  trained with (the fingerprint saved with its data state; a from-hf import saves none): its
+  ids would no longer be the rows the embeddings learned."""
+  saved = checkpoint.saved_data(directory, step).get('tokenizer')
+  if saved is not None and saved != tokenizer_lib.fingerprint(tok):
+    raise checkpoint.CheckpointMismatch(
+        f'tokenizer={cfg.tokenizer!r} encodes text differently from the tokenizer checkpoint '
+        f'{directory}/{step} was trained with (its saved fingerprint): was it retrained or '
+        f'replaced? Point the run\'s config.json tokenizer at the one it was trained with')
+
+
 def export(path, out, verify=True, shard_bytes=2 ** 28):
   """`to-hf`: write an HF model directory for a jaxft checkpoint; verify it unless told not to.
   Returns the max abs logit difference (None without verification)."""
   cfg, directory, step = checkpoint.run_config(path)
   tok = tokenizer_lib.build(cfg.tokenizer)
+  check_tokenizer(cfg, tok, directory, step)
   model_cfg = objectives.model_config(cfg, tok)
   label_names = objectives.labels(cfg.data)[1] if model_cfg.num_labels else None
   params_dir = os.path.join(directory, str(step), 'params')
@@ -494,8 +511,10 @@ def main(argv):
     print(f'wrote {os.path.abspath(args.out)}; {check}')
   else:
     report = import_hf(args.model, args.out, args.tokenizer, args.config)
+    ignored = (f'; not GPT-2 weights, ignored: {", ".join(report["ignored"])}'
+               if report['ignored'] else '')
     print(f'wrote {os.path.abspath(args.out)}: {len(report["loaded"])} params from '
-          f'{report["source"]}; use --config.train.init_from={args.out}')
+          f'{report["source"]}{ignored}; use --config.train.init_from={args.out}')
 
 
 if __name__ == '__main__':

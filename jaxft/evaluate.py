@@ -157,6 +157,7 @@ def load(workdir, step=None, mesh=None, overrides=()):
     raise config_lib.ConfigError(f'data.label_names {now} reorders the run\'s classes '
                                  f'{trained}: the head scores them in the run\'s order')
   tok = tokenizer_lib.build(cfg.tokenizer)
+  convert.check_tokenizer(cfg, tok, directory, step)
   model_cfg = objectives.model_config(cfg, tok)
   objectives.check_positions(cfg, model_cfg)
   mesh = mesh or sharding.make_mesh(cfg.mesh)

@@ -168,6 +168,15 @@ def test_unsupported_and_mismatched_checkpoints_are_named(tmp_path):
     convert.import_hf(src, str(tmp_path / 'y'))
   with pytest.raises(FileNotFoundError, match='no config.json'):
     convert.import_hf(str(tmp_path), str(tmp_path / 'z'))
+  # Weights of a block its config.json does not describe (n_layer=1 over 2 layers' tensors).
+  two = hf_dir(tmp_path / 'two')
+  hf_cfg = json.load(open(os.path.join(two, 'config.json')))
+  json.dump({**hf_cfg, 'n_layer': 1}, open(os.path.join(two, 'config.json'), 'w'))
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r'(?s)12 differences.*'
+                     r'transformer\.h\.1\.attn\.c_attn\.bias: not in the model \(config.json has '
+                     r'n_layer=1\)'):
+    convert.import_hf(two, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
   # init_from=hf: into a run whose model differs lists every differing field.
   good = hf_dir(tmp_path / 'good')
   with pytest.raises(checkpoint.CheckpointMismatch, match=r'(?s)2 differences.*num_layers: run 3 '
@@ -460,6 +469,16 @@ def test_tokenizer_train_cli_makes_a_usable_hf_tokenizer(tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatch, match=rf"tokenizer='hf:{tmp_path}/tok' "
                      rf'encodes text differently from the tokenizer {pre} was trained with'):
     train.main(small_argv(pre, tokenizer=f'hf:{tmp_path / "tok"}', train__steps=2))
+  # Nor do the export, evaluation and generation, which read the run's config.json (whose
+  # tokenizer path now holds the retrained one); nothing is written.
+  before = snapshot(pre)
+  retrained = rf"tokenizer='hf:{tmp_path}/tok' encodes text differently from the tokenizer " \
+              rf'checkpoint {pre}/checkpoints/1 was trained with'
+  with pytest.raises(checkpoint.CheckpointMismatch, match=retrained):
+    convert.export(pre, str(tmp_path / 'hf_out'))
+  with pytest.raises(checkpoint.CheckpointMismatch, match=retrained):
+    evaluate.load(pre)
+  assert not os.path.exists(tmp_path / 'hf_out') and snapshot(pre) == before
   with pytest.raises(checkpoint.CheckpointMismatch, match=rf'tokenizer: run hf:{tmp_path}/tok vs '
                      rf'source hf:{tmp_path}/tok, which encode text differently'):
     train.main(small_argv(str(tmp_path / 'c'), tokenizer=f'hf:{tmp_path / "tok"}',
