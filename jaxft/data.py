@@ -13,7 +13,9 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import zlib
 
 import jax
@@ -22,6 +24,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxft import demo_data
+
+BOM = b'\xef\xbb\xbf'  # A UTF-8 byte-order mark (some Windows editors write one): not text.
 
 
 class DataError(ValueError):
@@ -112,8 +116,8 @@ def _jsonl(path, on_error, skipped):
     i = 0
     try:
       for i, raw in enumerate(f, 1):
-        if i == 1:  # A byte-order mark (some Windows editors write one) is not part of the JSON.
-          raw = raw.removeprefix(b'\xef\xbb\xbf')
+        if i == 1:
+          raw = raw.removeprefix(BOM)
         with bad_records(on_error, skipped):
           if (rec := _json_line(raw, path, i)) is not None:
             yield rec, f'{path}:{i}'
@@ -124,31 +128,36 @@ def _jsonl(path, on_error, skipped):
 def _table(path, on_error, skipped):
   """Rows of a .csv / .tsv file with a header line, as dicts of strings."""
   raw = epath.Path(path).read_bytes()
+  body = raw.removeprefix(BOM)  # (Excel's "CSV UTF-8" writes one: not part of the header.)
   try:
-    text = raw.decode('utf-8-sig')  # A byte-order mark (Excel's "CSV UTF-8") is not a header.
+    text = body.decode('utf-8')
   except UnicodeDecodeError as e:  # A table is parsed whole: one bad byte stops it, named.
-    line = raw[:e.start].count(b'\n') + 1
-    raise DataError(f'{path}:{line}: invalid UTF-8 at byte {e.start} of the file') from None
+    at = e.start + len(raw) - len(body)  # Of the file, as an editor counts: the BOM included.
+    line = raw[:at].count(b'\n') + 1
+    raise DataError(f'{path}:{line}: invalid UTF-8 at byte {at} of the file') from None
   # CSV quotes cells with "..."; a TSV (GLUE-style) has no quoting: a " is part of its cell.
-  reader = csv.DictReader(io.StringIO(text, newline=''), **(
+  reader = csv.reader(io.StringIO(text, newline=''), **(
       dict(delimiter='\t', quoting=csv.QUOTE_NONE) if path.endswith('.tsv') else {}))
-  # A row is named by the line it starts on (a quoted cell may hold line breaks): the one after
-  # the header (read by .fieldnames), then the one after the row before.
-  start = reader.fieldnames and reader.line_num + 1
-  for row in reader:
+  header = next(reader, [])
+  # A row is named by the line it starts on (a quoted cell may hold line breaks, a blank line
+  # gives no row): the one after the line the row (or blank line) before ended on.
+  start = reader.line_num + 1
+  for cells in reader:
     where, start = f'{path}:{start}', reader.line_num + 1
+    if not cells:  # A blank line.
+      continue
     with bad_records(on_error, skipped):
-      if None in row or None in row.values():  # Extra cells land under None, missing ones are None.
-        cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
-        raise RecordError(f'{where}: {cells} cells, the header has {len(reader.fieldnames)}')
-      yield row, where
+      if len(cells) != len(header):
+        raise RecordError(f'{where}: {len(cells)} cells, the header has {len(header)}')
+      yield dict(zip(header, cells)), where
 
 
 def _txt(path, on_error, skipped):
   """The whole file as one document."""
   text = ''
   with bad_records(on_error, skipped), epath.Path(path).open('rb') as f:
-    text = ''.join(_decode(raw, path, i) for i, raw in enumerate(f, 1))
+    text = ''.join(_decode(raw.removeprefix(BOM) if i == 1 else raw, path, i)
+                   for i, raw in enumerate(f, 1))
   if text.strip():
     yield {'text': text}, path
 
@@ -157,10 +166,14 @@ READERS = {'.jsonl': _jsonl, '.jsonl.gz': _jsonl, '.csv': _table, '.tsv': _table
 
 
 def _files(pattern):
-  """The files matching `pattern`, sorted (remote ones, gs://...: wildcards in the name only)."""
+  """The files matching `pattern`, sorted (remote ones, gs://...: wildcards in the name only), or
+  the one file named so ('reviews[2023].jsonl': its brackets are no wildcard)."""
+  pattern = os.path.expanduser(pattern)  # A ~ no shell expanded (--config.data.train=~/x).
   if '://' in pattern:
     directory, _, name = pattern.rpartition('/')
     files = sorted(str(p) for p in epath.Path(directory).glob(name))
+  elif os.path.isfile(pattern):
+    files = [pattern]
   else:
     files = sorted(glob.glob(pattern))
   if not files:
@@ -228,11 +241,17 @@ def _tfds_source(name, given, default, data_cfg):
     import tensorflow_datasets as tfds
   except ImportError:
     raise DataError(f'tfds:{name} needs tensorflow-datasets: pip install jaxft[tfds]') from None
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_cfg.tfds_data_dir or None)
+  where = f'tfds:{name}:{split} (data.tfds_data_dir={data_cfg.tfds_data_dir!r})'
+  try:  # Never downloads: preparing a dataset is a step of its own, not a side effect of a run.
+    return tfds.data_source(name, split=split, data_dir=data_cfg.tfds_data_dir or None,
+                            download=False)
+  except NotImplementedError:  # Not prepared there, or prepared as TFRecord only.
+    given_dir = f' --data_dir={data_cfg.tfds_data_dir}' if data_cfg.tfds_data_dir else ''
+    raise DataError(f'{where}: not prepared as array_record there (jaxft reads it by random '
+                    f'access and does not download it): tfds build {name} '
+                    f'--file_format=array_record{given_dir}') from None
   except (tfds.core.registered.DatasetNotFoundError, ValueError, KeyError) as e:
-    raise DataError(f'tfds:{name}:{split} (data.tfds_data_dir={data_cfg.tfds_data_dir!r}): '
-                    f'{type(e).__name__}: {str(e).strip().splitlines()[0]}') from None
+    raise DataError(f'{where}: {type(e).__name__}: {str(e).strip().splitlines()[0]}') from None
 
 
 def _hf_source(path, given, default, data_cfg):
@@ -280,28 +299,66 @@ def read_split(spec, split, data_cfg):
 
 
 def _origins(spec, split, data_cfg):
-  """What data.train / val / test `spec` reads: its files' real paths, or '<kind>:<name>:<split>'
-  (a local dir by its real path; one saved HF Dataset is read whole, whatever the split)."""
+  """What data.train / val / test `spec` reads, as (origin, slice) pairs: its files' real paths,
+  or '<kind>:<name>:<split>' and the split's slice ('[:10%]', '' for all of it) for each split
+  joined by '+' (a local dir by its real path; one saved HF Dataset is read whole, whatever the
+  split)."""
   kind, _, rest = spec.partition(':')
   if kind not in SOURCES or not rest:
-    return {f if '://' in f else os.path.realpath(f) for f in _files(spec)}
+    return {(f if '://' in f else os.path.realpath(f), '') for f in _files(spec)}
   name, _, given = rest.partition(':')
   if kind == 'hf' and os.path.isdir(name):
     name = os.path.realpath(name)
     if os.path.isfile(os.path.join(name, 'state.json')):
-      return {f'hf:{name}'}
-  return {f'{kind}:{name}:{given or split}'}
+      return {(f'hf:{name}', '')}
+  return {(f'{kind}:{name}:{base}', '[' + part if part else '')
+          for base, _, part in (s.partition('[') for s in (given or split).split('+'))}
+
+
+def _range(part):
+  """A split's slice '[a:b]' or '[a%:b%]' as (start, stop, unit), or None for one that cannot be
+  placed without the split's size (units mixed, counted back from its end) or other syntax."""
+  m = re.fullmatch(r'\[(-?\d*)(%?):(-?\d*)(%?)\]', part)
+  if not m or (m[1] and m[3] and m[2] != m[4]):
+    return None
+  unit = m[2] or m[4]
+  start, stop = int(m[1] or 0), int(m[3]) if m[3] else math.inf
+  if min(start, stop) < 0:
+    if not unit:
+      return None
+    start, stop = (b + 100 if b < 0 else b for b in (start, stop))
+  return start, stop, unit
+
+
+def _overlap(a, b):
+  """Whether slices `a` and `b` ('' for the whole) of one split may share records: True, False,
+  or None where that cannot be told from them."""
+  if not a or not b:
+    return True
+  ranges = _range(a), _range(b)
+  if None in ranges or ranges[0][2] != ranges[1][2]:
+    return None
+  (start_a, stop_a, _), (start_b, stop_b, _) = ranges
+  return max(start_a, start_b) < min(stop_a, stop_b)
 
 
 def _check_disjoint(data_cfg):
   """Refuse a held-out split that reads data another split reads (a glob over the val file, the
-  same file by two names, one saved Dataset twice): its figures would be measured on train data."""
+  same file by two names, one saved Dataset twice, a slice of the train split): its figures would
+  be measured on train data."""
   given = [(k, s) for k, s in (('train', 'train'), ('val', 'validation'), ('test', 'test'))
            if data_cfg[k]]
   origins = {k: _origins(data_cfg[k], s, data_cfg) for k, s in given}
   for i, (a, _) in enumerate(given):
     for b, _ in given[i + 1:]:
-      if shared := sorted(origins[a] & origins[b]):
+      both = [(x, _overlap(part_a, part_b), part_a, part_b)
+              for x, part_a in origins[a] for y, part_b in origins[b] if x == y]
+      if unsure := [f'{x}{part_a} vs {x}{part_b}' for x, o, part_a, part_b in both if o is None]:
+        raise DataError(
+            f'data.{a}={data_cfg[a]!r} and data.{b}={data_cfg[b]!r} read slices of one split '
+            f'whose overlap cannot be told ({unsure[0]}): only [a:b] or [a%:b%] slices in one '
+            f'unit (and no negative a:b) are compared; give them so')
+      if shared := sorted({x for x, o, _, _ in both if o}):
         raise DataError(
             f'data.{a}={data_cfg[a]!r} and data.{b}={data_cfg[b]!r} both read '
             f'{", ".join(shared[:3])}{" ..." if len(shared) > 3 else ""}: held-out records must '

@@ -13,6 +13,7 @@ supervised units) so micro-batches, hosts and eval batches add up exactly.
 import collections
 import dataclasses
 import functools
+import re
 import string
 import types
 from typing import Callable
@@ -23,6 +24,9 @@ import numpy as np
 import optax
 
 from jaxft import data, model as model_lib
+
+# JSON can escape half of a UTF-16 pair (\ud83d: an emoji cut short); no tokenizer can encode it.
+_SURROGATE = re.compile('[\ud800-\udfff]')
 
 
 class Encoded(dict):
@@ -41,6 +45,9 @@ def string_field(rec, name, where):
   value = data.field(rec, name, where)
   if not isinstance(value, str):
     raise data.RecordError(f'{where}: field {name!r} must be a string, got {type(value).__name__}')
+  if bad := _SURROGATE.search(value):
+    raise data.RecordError(f'{where}: field {name!r}: lone UTF-16 surrogate '
+                           f'U+{ord(bad[0]):04X} at character {bad.start()} (not text)')
   return value
 
 

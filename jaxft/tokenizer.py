@@ -41,6 +41,7 @@ class HFTokenizer:
   def __init__(self, name):
     from transformers import AutoTokenizer
     self.spec = f'hf:{name}'
+    name = os.path.expanduser(name)  # A ~ no shell expanded (--config.tokenizer=hf:~/tok).
     if name.startswith(('.', '/', '~')) and not os.path.isdir(name):
       raise FileNotFoundError(f'tokenizer=hf:{name}: no such directory')
     # Without its files transformers builds an empty tokenizer; say so instead.

@@ -1,5 +1,6 @@
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -309,3 +310,108 @@ def test_bench_measures_the_trainers_input_path():
   # Packed rows of 128 tokens hold several ~10-token records each.
   assert result['records_per_s'] > 3 * cfg.train.batch_size * result['batches_per_s'] > 0
   assert result['batch_tokens_per_s'] > 0 and result['read_s'] >= 0
+
+
+def test_held_out_slices_of_the_train_split_are_refused(tmp_path):
+  """A held-out split that is a slice of the train split (or overlaps train's slice) is refused,
+  naming both specs; slices that provably do not overlap pass; ones whose overlap the specs
+  alone cannot tell are refused, saying so."""
+  def check(train, val):
+    return data._check_disjoint(
+        small_config(data__source='files', data__train=train, data__val=val).data)
+
+  for train, val, shared in (
+      ('tfds:imdb_reviews', 'tfds:imdb_reviews:train[90%:]', 'tfds:imdb_reviews:train'),
+      ('tfds:imdb_reviews:train[:95%]', 'tfds:imdb_reviews:train[90%:]', 'tfds:imdb_reviews:train'),
+      ('hf:x', 'hf:x:train[:10%]', 'hf:x:train'),
+      ('hf:x:train[:100]', 'hf:x:test+train[99:]', 'hf:x:train'),
+      ('tfds:d:train[:-10%]', 'tfds:d:train[85%:]', 'tfds:d:train')):
+    with pytest.raises(data.DataError, match=rf'data.train={re.escape(repr(train))} and '
+                       rf'data.val={re.escape(repr(val))} both read {shared}: held-out'):
+      check(train, val)
+  for train, val in (('tfds:imdb_reviews:train[:90%]', 'tfds:imdb_reviews:train[90%:]'),
+                     ('hf:x:train[100:]', 'hf:x:train[:100]'), ('hf:x', 'hf:x:test'),
+                     ('tfds:d:train[:-10%]', 'tfds:d:train[-10%:]')):
+    assert check(train, val) is None, (train, val)
+  # Units mixed, counted back from an end of unknown size, a rounding option: not compared.
+  for val in ('hf:x:train[:10]', 'hf:x:train[-10:]', 'hf:x:train[:10%](pct1_dropremainder)'):
+    with pytest.raises(data.DataError, match=rf"data.train='hf:x:train\[:90%\]' and "
+                       rf"data.val={re.escape(repr(val))} read slices of one split whose overlap "
+                       rf"cannot be told \(hf:x:train\[:90%\] vs {re.escape(val)}\): only \[a:b\]"):
+      check('hf:x:train[:90%]', val)
+  (tmp_path / 'hf').mkdir()  # A local dir of data files, by its real path (nothing is read).
+  write(tmp_path / 'hf' / 'train.jsonl', [json.dumps({'text': f'doc {i}'}) for i in range(20)])
+  with pytest.raises(data.DataError, match=rf"data.val='hf:{tmp_path}/hf/./:train\[:25%\]' both "
+                     rf"read hf:{tmp_path}/hf:train: held-out"):
+    data.load_splits(small_config(data__source='files', data__train=f'hf:{tmp_path}/hf',
+                                  data__val=f'hf:{tmp_path}/hf/./:train[:25%]').data, 0)
+
+
+def test_a_lone_utf16_surrogate_is_a_bad_record_named_where(tmp_path):
+  """JSON's \\ud83d (half an emoji) is no text a tokenizer can encode: a bad record, found by the
+  start-up check, named by file:line, field and character, and left out with on_error='skip'."""
+  path = write(tmp_path / 's.jsonl', [json.dumps({'text': 'fine'}), '{"text": "cut emoji \\ud83d"}',
+                                      json.dumps({'text': 'also fine'})])
+  cfg = small_config()
+  records = data.read_records(path)
+  with pytest.raises(data.RecordError, match=rf"^{path}:2: field 'text': lone UTF-16 surrogate "
+                     r'U\+D83D at character 10 \(not text\)$'):
+    objectives.get('next_token').check(records, cfg.data)
+  with cfg.unlocked():
+    cfg.data.on_error = 'skip'
+  ex = objectives.get('next_token').encode(records, TOK, cfg.data)
+  assert [m.split(': ', 1)[0] for m in ex.skipped] == [f'{path}:2']
+  assert sum(ex.sources, []) == [f'{path}:1', f'{path}:3']
+
+
+def test_an_unprepared_tfds_dataset_is_named_not_downloaded(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  cfg = small_config(data__tfds_data_dir=str(tmp_path)).data
+  with pytest.raises(data.DataError, match=rf"^tfds:mnist:test \(data.tfds_data_dir="
+                     rf"'{tmp_path}'\): not prepared as array_record there \(jaxft reads it by "
+                     rf'random access and does not download it\): tfds build mnist '
+                     rf'--file_format=array_record --data_dir={tmp_path}$'):
+    data.read_split('tfds:mnist', 'test', cfg)
+  assert not list(tmp_path.rglob('*.*'))  # Nothing fetched or written.
+
+
+def test_csv_rows_after_blank_lines_are_named_at_their_line(tmp_path):
+  (tmp_path / 'blank.csv').write_text('text,label\n"good",1\n\n\n"bad",1,extra\nlast,0\n')
+  got = data.read_records(str(tmp_path / 'blank.csv'), on_error='skip')
+  assert [w for _, w in got] == [f'{tmp_path}/blank.csv:2', f'{tmp_path}/blank.csv:6']
+  assert got.skipped == [f'{tmp_path}/blank.csv:5: 3 cells, the header has 2']
+
+
+def test_a_csv_bad_byte_after_a_bom_is_named_at_its_line_and_byte(tmp_path):
+  """The line and offset count the 3 bytes of the byte-order mark, as an editor does."""
+  (tmp_path / 'bom.csv').write_bytes(b'\xef\xbb\xbftext,label\n"ok",1\n"bad \xff",1\n')
+  with pytest.raises(data.DataError, match=rf'^{tmp_path}/bom.csv:3: invalid UTF-8 at byte 26 '
+                     r'of the file$'):
+    data.read_records(str(tmp_path / 'bom.csv'))
+  (tmp_path / 'bom2.csv').write_bytes(b'\xef\xbb\xbftext,label\n\xff,1\n')
+  with pytest.raises(data.DataError, match=rf'^{tmp_path}/bom2.csv:2: invalid UTF-8 at byte 14 '):
+    data.read_records(str(tmp_path / 'bom2.csv'))
+
+
+def test_a_txt_byte_order_mark_is_not_text(tmp_path):
+  (tmp_path / 'bom.txt').write_bytes(b'\xef\xbb\xbfHello\nworld\xef\xbb\xbf\n')
+  assert data.read_records(str(tmp_path / 'bom.txt'))[0][0] == {'text': 'Hello\nworld\ufeff\n'}
+
+
+def test_a_data_file_named_with_brackets_is_that_file(tmp_path):
+  """A real file whose name holds glob brackets is read (a glob of the name would match none)."""
+  literal = write(tmp_path / 'reviews[2023].jsonl', [json.dumps({'text': 'a'})] * 3)
+  assert [w for _, w in data.read_records(literal)] == [f'{literal}:{i}' for i in (1, 2, 3)]
+  assert len(data.read_records(str(tmp_path / 'reviews[[]2023].jsonl'))) == 3  # Still a glob.
+
+
+def test_data_and_tokenizer_paths_expand_tilde(tmp_path, monkeypatch):
+  """A ~ no shell expanded (--config.data.train=~/x) is the home dir."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  write(tmp_path / 'd.jsonl', [json.dumps({'text': 'hi'})])
+  assert [(r, w) for r, w in data.read_records('~/d.jsonl')] == [
+      ({'text': 'hi'}, f'{tmp_path}/d.jsonl:1')]
+  pytest.importorskip('transformers')
+  tokenizer.byte_tokenizer_as_hf().save_pretrained(str(tmp_path / 'tok'))
+  tok = tokenizer.build('hf:~/tok')
+  assert (tok.spec, tok.vocab_size, tok.encode('hé')) == ('hf:~/tok', 258, [104, 195, 169])
