@@ -8,11 +8,12 @@
 next_token run as labeled_pair: exact match of greedy completions).
 
 Sweep values may use {seed} (e.g. --sweep train.init_from=,runs/pre/seed_{seed}; an empty value
-leaves the key at its default). Finished runs (summary.json present) are skipped if they ran the
-config these settings give (else it is an error naming the keys), interrupted ones resume from
-their checkpoint. Each run directory gets run.json: its overrides, the git
-commit, a fingerprint of its data and the final metrics. Then results.md / results.csv (mean +-
-std over seeds per cell) and plots are written to --out (see experiments/report.py).
+leaves the key at its default, while --set key= sets it to the empty string). Finished runs
+(summary.json present) are skipped if they ran the config these settings give (else it is an
+error naming the keys), interrupted ones resume from their checkpoint. Each run directory gets
+run.json: its overrides, the git commit, a fingerprint of its data and the final metrics. Then
+results.md / results.csv (mean +- std over seeds per cell) and plots are written to --out (see
+experiments/report.py).
 """
 import argparse
 import concurrent.futures
@@ -35,6 +36,14 @@ def parse_sweep(text):
   return key, values.split(',')
 
 
+def parse_set(text):
+  """A --set, checked and kept as written (run.json records it); `key=` sets the empty string."""
+  key, eq, _ = text.partition('=')
+  if not key or not eq:
+    raise SystemExit(f'--set {text!r}: expected key=value')
+  return text
+
+
 def expand(sweeps, seeds):
   """[(cell name, {key: value}, seed)] over the grid of sweeps x seeds, in a stable order."""
   keys = [k for k, _ in sweeps]
@@ -48,9 +57,10 @@ def expand(sweeps, seeds):
 
 def command(config, cell, seed, sets, workdir):
   overrides = {**dict(s.split('=', 1) for s in sets), **cell, 'seed': str(seed)}
+  default = {k for k, v in cell.items() if v == ''}  # A sweep's empty value: the key's default.
   # Only {seed} is filled in: other braces (data.prompt_template's {prompt}) stay as written.
   args = [f'--config.{k}={v.replace("{seed}", str(seed))}' for k, v in overrides.items()
-          if v != '']
+          if k not in default]
   return [sys.executable, '-m', 'jaxft.train', f'--config={config}', f'--workdir={workdir}', *args]
 
 
@@ -134,8 +144,8 @@ def main(argv):
   parser = argparse.ArgumentParser(prog='python -m experiments.ablate')
   parser.add_argument('--config', required=True)
   parser.add_argument('--sweep', action='append', default=[], type=parse_sweep)
-  parser.add_argument('--set', action='append', default=[], dest='sets',
-                      help='key=value applied to every run')
+  parser.add_argument('--set', action='append', default=[], dest='sets', type=parse_set,
+                      help='key=value applied to every run (key= for an empty string)')
   parser.add_argument('--seeds', type=int, default=1)
   parser.add_argument('--out', required=True)
   parser.add_argument('--jobs', type=int, default=1, help='runs at once')

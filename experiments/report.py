@@ -4,7 +4,7 @@
 
 results.md and results.csv: mean +- std over seeds of every final test metric per cell;
 learning_curves.png: train loss per cell, mean over seeds with the min-max band shaded;
-final_vs_<key>.png: each cell's main metric against its value of every swept key.
+final_vs_<key>.png: the cells' main metric (one they all have) against each swept key's value.
 """
 import argparse
 import csv
@@ -87,6 +87,21 @@ def write(out, keys=None):
   return table
 
 
+def plotted_metric(cells, rows):
+  """The one metric final_vs_<key> plots, which every cell has: the cells' objective's main one;
+  where their objectives differ, that of the objective --eval-as scored them all as; else (or
+  with labeled_pair's exact match skipped, train.exact_match_examples=0) the loss."""
+  common = set.intersection(*[set(stats) for _, _, stats in rows])
+  own = {objective_of(runs[0][0]) for runs in cells.values()}
+  candidates = ([MAIN_METRIC[next(iter(own))]] if len(own) == 1 else []) + \
+      [f'{m} (as_{o})' for o, m in MAIN_METRIC.items()] + ['loss']
+  metric = next((m for m in candidates if m in common), None)
+  if metric is None:
+    raise SystemExit(f'no final test metric that every cell has to plot (they share '
+                     f'{", ".join(sorted(common)) or "none"})')
+  return metric
+
+
 def plot(out, cells, rows, keys):
   import matplotlib
   matplotlib.use('Agg')
@@ -107,16 +122,15 @@ def plot(out, cells, rows, keys):
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'learning_curves.png'), dpi=120)
   plt.close(fig)
+  metric = plotted_metric(cells, rows) if keys else None
   for key in keys:
     fig, ax = plt.subplots(figsize=(6, 4))
     for cell, n, stats in rows:
-      workdir, record = cells[cell][0]
-      metric = MAIN_METRIC[objective_of(workdir)]
+      record = cells[cell][0][1]
       value = str(record['overrides'].get(key, ''))
       mean, std = stats[metric]
-      ax.errorbar([value or '(default)'], [mean], yerr=[std], fmt='o', capsize=4,
-                  label=f'{cell}: {metric}')
-    ax.set(xlabel=key, ylabel='final test metric', title=f'final metric vs {key}')
+      ax.errorbar([value or '(default)'], [mean], yerr=[std], fmt='o', capsize=4, label=cell)
+    ax.set(xlabel=key, ylabel=f'final test {metric}', title=f'final {metric} vs {key}')
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(out, f'final_vs_{key.replace("/", "_")}.png'), dpi=120)

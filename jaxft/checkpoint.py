@@ -197,6 +197,18 @@ def saved_data(directory, step):
                              f'{type(e).__name__}: {e}{_damaged(directory, step)}') from None
 
 
+def resume_data(directory, step):
+  """saved_data of checkpoint `step`, to resume from: one without (params alone) is refused."""
+  saved = saved_data(directory, step)
+  if 'iterator' not in saved:
+    raise CheckpointMismatch(
+        f'checkpoint {directory}/{step} has no data item (the train position), so it cannot be '
+        f'resumed: it holds params alone (as `jaxft.convert from-hf` writes them) or lost its '
+        f'data/. To train from its params, use a new --workdir with '
+        f'--config.train.init_from={directory}/{step}{_damaged(directory, step)}')
+  return saved
+
+
 def resolve(path):
   """A workdir, its checkpoints/ dir or one step dir -> (checkpoints dir, step)."""
   path = absolute(path)

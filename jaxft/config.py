@@ -47,8 +47,33 @@ def load_file(spec):
     cfg = module.get_config(arg or None)
   except ValueError as e:  # An unknown variant and the like: name the file.
     raise ConfigError(f'{spec}: {e}') from None
+  if os.path.abspath(path) != COMMON:
+    check_keys(cfg, spec)
   cfg.lock()
   return cfg
+
+
+def _common():
+  """configs/common.py's config (every key, with its default), read as a file: a user's
+  `configs` package may be first on sys.path."""
+  module_spec = importlib.util.spec_from_file_location('_jaxft_common', COMMON)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def check_keys(cfg, spec):
+  """Refuse what config file `spec` sets that an override could not: a key configs/common.py
+  lacks, or None or a bool for a number (ml_collections takes both)."""
+  defaults = flatten(_common())
+  for key, value in flatten(cfg).items():
+    if key not in defaults:
+      raise ConfigError(f'{spec}: unknown config key {key!r}{near_keys(key, list(defaults))}')
+    old = defaults[key]
+    number = isinstance(old, (int, float)) and not isinstance(old, bool)
+    if number and (value is None or isinstance(value, bool)):
+      raise ConfigError(f'{spec}: config key {key!r} is {value!r}; expected '
+                        f'{type(old).__name__} (configs/common.py has {old!r})')
 
 
 def flatten(tree, prefix=''):
@@ -88,13 +113,21 @@ def _parent(cfg, key):
   return node, leaf
 
 
+def near_keys(key, keys):
+  """'; did you mean ...?' for an unknown `key`: keys close to it whole or by their last part
+  (`lr` -> optim.lr), else all of them."""
+  leaf = lambda k: k.rpartition('.')[2]
+  leaves = difflib.get_close_matches(leaf(key), {leaf(k) for k in keys}, n=3, cutoff=0.8)
+  near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+  near = list(dict.fromkeys(near + [k for k in keys if leaf(k) in leaves]))
+  return f'; did you mean {", ".join(near)}?' if near else f'; valid keys: {", ".join(keys)}'
+
+
 def override(cfg, key, text):
   """Set dotted `key` from its command-line text, with the field's type checked."""
   keys = list(flatten(cfg))
   if key not in keys:
-    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-    hint = f'; did you mean {", ".join(near)}?' if near else f'; valid keys: {", ".join(keys)}'
-    raise ConfigError(f'unknown config key {key!r}{hint}')
+    raise ConfigError(f'unknown config key {key!r}{near_keys(key, keys)}')
   node, leaf = _parent(cfg, key)
   old = node[leaf]
   kind = type(old) if old is not None else node.get_type(leaf)  # A placeholder's type.
@@ -204,10 +237,21 @@ def parse_args(argv, usage='python -m jaxft.train ' + USAGE):
 
 
 def write_file(workdir, name, text):
-  """Write <workdir>/<name> whole; the workdir may be local or remote (gs://..., via epath)."""
+  """Write <workdir>/<name> whole, or leave it as it was: a kill or a full disk mid-write leaves
+  no file cut short. The workdir may be local or remote (gs://..., via epath: objects are written
+  whole)."""
   path = epath.Path(workdir) / name
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text)
+  if '://' in str(workdir):
+    path.write_text(text)
+    return
+  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'  # The same filesystem: renamed in place.
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():  # (Only when the write failed.)
+      tmp.unlink()
 
 
 # Settings of the process a run ran in, which leave its results the same to the bit: a finished
@@ -220,7 +264,7 @@ RESUME_FREE = PROCESS_ONLY + (
     'train.exact_match_examples', 'train.grad_accum', 'checkpoint.', 'mesh.',
     'distributed.', 'optim.offload', 'optim.skip_nonfinite',
     'model.attention', 'model.attention_block', 'model.remat', 'model.scan_layers',
-    'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp',
+    'model.grad_barrier', 'model.loss_chunk', 'model.logsumexp', 'model.layernorm_vjp',
     # Where the data is (moved to another disk or bucket): the records themselves are
     # compared by the fingerprints saved with each checkpoint.
     'data.train', 'data.val', 'data.test', 'data.tfds_data_dir')
@@ -240,7 +284,13 @@ def resume_changes(cfg, workdir):
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     return []
-  changed = differences(json.loads(path.read_text()), cfg)
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{path} is unreadable ({e}): cut short? It records the config {workdir} was '
+                      f'trained with; put it back, or remove it to resume without comparing '
+                      f'the configs') from None
+  changed = differences(saved, cfg)
   # keep_best ranks every save by the val loss of train.eval_batches batches: of as many, always.
   ranked = cfg.checkpoint.keep_best and 'train.eval_batches'
   free = lambda k: within(k, RESUME_FREE) and k != ranked

@@ -139,8 +139,10 @@ def summary_writer(logdir, **kwargs):
 class MetricsLog:
   """metrics.jsonl + TensorBoard (process 0 only); on resume, drops lines past the restored step."""
 
-  def __init__(self, workdir, resume_step):
-    self.path = epath.Path(workdir) / 'metrics.jsonl'
+  def __init__(self, workdir, resume_step, evaluated_again=False):
+    """`evaluated_again`: the run evaluates at resume_step once more (only its final evaluation
+    was left to do), so the val/test lines logged there before are dropped too."""
+    self.workdir, self.path = workdir, epath.Path(workdir) / 'metrics.jsonl'
     self.enabled = jax.process_index() == 0
     self.appendable = '://' not in str(workdir)  # Object stores (gs://) cannot append.
     self.tb, self.lines = None, []
@@ -153,8 +155,10 @@ class MetricsLog:
           json.loads(lines[-1])
       except json.JSONDecodeError:  # Cut short by a kill or a full disk: dropped.
         log(f'{self.path}: dropping its unfinished last line {lines.pop()[:80]!r}')
-      self.lines = [l + '\n' for l in lines if json.loads(l)['step'] <= resume_step]
-      self.path.write_text(''.join(self.lines))
+      keep = lambda l: l['step'] < resume_step or l['step'] == resume_step and (
+          l['split'] == 'train' or not evaluated_again)
+      self.lines = [l + '\n' for l in lines if keep(json.loads(l))]
+      config_lib.write_file(workdir, 'metrics.jsonl', ''.join(self.lines))
     self.tb = summary_writer(str(epath.Path(workdir) / 'tb'), purge_step=resume_step + 1)
 
   def write(self, step, split, values):
@@ -168,7 +172,7 @@ class MetricsLog:
       with self.path.open('a') as f:
         f.write(self.lines[-1])
     else:  # Rewritten whole: every log_every steps, one object.
-      self.path.write_text(''.join(self.lines))
+      config_lib.write_file(self.workdir, 'metrics.jsonl', ''.join(self.lines))
     for k, v in values.items():
       if isinstance(v, (int, float)):
         self.tb.add_scalar(f'{split}/{k}', v, step)
@@ -399,6 +403,19 @@ def setup(cfg, tok, objective, mesh):
       param_sizes=param_sizes)
 
 
+def finished_steps(workdir):
+  """The steps of the run <workdir>/summary.json records as finished; None without one, or with
+  one that is unreadable (cut short): its final evaluation is then run again and rewritten."""
+  path = epath.Path(workdir) / 'summary.json'
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())['steps']
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    log(f'{path} is unreadable ({type(e).__name__}: {e}): the run is evaluated again')
+    return None
+
+
 def run(cfg, workdir):
   """Train per `cfg` in `workdir` (resuming if it holds a checkpoint). Returns the final state."""
   # From the start: a notice during set-up is kept too. `closing` closes the checkpoint manager
@@ -433,7 +450,7 @@ def run(cfg, workdir):
     encoding = tokenizer_lib.fingerprint(tok)
     if mngr.latest_step() is not None:
       changes = config_lib.resume_changes(cfg, workdir)
-      saved = checkpoint.saved_data(mngr.directory, mngr.latest_step())
+      saved = checkpoint.resume_data(mngr.directory, mngr.latest_step())
       if saved.get('tokenizer', encoding) != encoding:
         raise checkpoint.CheckpointMismatch(
             f'tokenizer={cfg.tokenizer!r} encodes text differently from the tokenizer {workdir} '
@@ -462,8 +479,7 @@ def run(cfg, workdir):
     if step > T.steps:
       raise config_lib.ConfigError(f'train.steps={T.steps} is below the step of {workdir}\'s '
                                    f'checkpoint, {step}: give train.steps >= {step}')
-    done = epath.Path(workdir) / 'summary.json'  # (Of this step, not of a shorter run's end.)
-    if step == T.steps and done.exists() and json.loads(done.read_text())['steps'] == step:
+    if step == T.steps and finished_steps(workdir) == step:  # (Not a shorter run's end.)
       log(f'{workdir} already holds the final step {step}; nothing to do')
       return state
     # Written only now that the config has proven it fits the workdir's checkpoint and there is
@@ -477,7 +493,7 @@ def run(cfg, workdir):
     evaluator = evaluate.Evaluator(built.graphdef, objective, examples, records, tok, cfg, mesh)
     baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
                                          cfg.data) for s in ('val', 'test')}
-    metrics_log = MetricsLog(workdir, step)
+    metrics_log = MetricsLog(workdir, step, evaluated_again=step == T.steps)
     progress = Progress(step, T.steps)
     window = {'tokens': 0.0, 'time': time.time()}
     final, started = {}, time.time()

@@ -55,6 +55,37 @@ def test_unknown_key_names_nearest():
   with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim\.lrr'.*optim\.lr"):
     config_lib.parse_args(['--config=configs/demo.py', '--config.optim.lrr=1'])
 
+  # A bare leaf name is matched by its last part.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"unknown config key 'lr'; did you mean optim\.lr\?"):
+    config_lib.parse_args(['--config=configs/demo.py', '--config.lr=1'])
+
+
+def test_a_config_file_gets_the_checks_of_an_override(tmp_path):
+  """A key configs/common.py lacks, or None / a bool for a number, set in a config file: refused
+  naming the file and key, as the same override would be."""
+  def write(name, body):  # (A file each: one rewritten within the second may be read as cached.)
+    mine = tmp_path / name
+    mine.write_text('from configs import common\n\ndef get_config(arg=None):\n'
+                    f'  c = common.get_config()\n  {body}\n  return c\n')
+    return mine
+  mine = write('typo.py', 'c.train.setps = 5')
+  with pytest.raises(config_lib.ConfigError, match=rf"^{mine}: unknown config key 'train\.setps'; "
+                     r'did you mean train\.steps'):
+    config_lib.parse_args([f'--config={mine}'])
+  for i, (body, key, value, want) in enumerate((
+      ('c.train.eval_every = None', 'train.eval_every', 'None', 'int'),
+      ('c.train.grad_accum = True', 'train.grad_accum', 'True', 'int'),
+      ('c.optim.lr = None', 'optim.lr', 'None', 'float'))):  # (A bool it makes 0.0 or 1.0.)
+    mine = write(f'bad{i}.py', body)
+    with pytest.raises(config_lib.ConfigError, match=rf"^{mine}: config key '{key}' is {value}; "
+                       rf'expected {want}'):
+      config_lib.parse_args([f'--config={mine}'])
+  # A placeholder takes its number; a string key stays settable.
+  mine = write('good.py', 'c.model.num_layers = 3; c.data.train = "a.jsonl"')
+  cfg, _ = config_lib.parse_args([f'--config={mine}'])
+  assert cfg.model.num_layers == 3 and cfg.data.train == 'a.jsonl'
+
 
 def test_wrong_type_is_rejected():
   with pytest.raises(config_lib.ConfigError, match=r"train\.steps.*'ten'"):
@@ -164,3 +195,16 @@ def test_command_line_reports_user_errors_in_one_line(root):
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'optim.lrr'")
   assert 'Traceback' not in done.stderr
+
+
+def test_write_file_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A write that fails midway (a full disk, a kill) leaves the old file as it was, no temp file."""
+  config_lib.write_file(str(tmp_path), 'summary.json', '{"steps": 4}')
+  def full_disk(self, text):
+    open(self, 'w').write(text[:3])
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(type(config_lib.epath.Path(tmp_path)), 'write_text', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    config_lib.write_file(str(tmp_path), 'summary.json', '{"steps": 8}')
+  assert os.listdir(tmp_path) == ['summary.json']
+  assert json.load(open(tmp_path / 'summary.json')) == {'steps': 4}

@@ -32,6 +32,16 @@ def test_grid_expansion_and_commands():
     ablate.parse_sweep('optim.lr')
 
 
+
+def test_an_empty_set_value_is_passed_and_one_without_equals_named(tmp_path):
+  """`--set key=` sets the empty string (a sweep's empty value alone means the key's default)."""
+  assert ablate.command('c', {}, 0, ['compile_cache='], 'w')[-2:] == [
+      '--config.compile_cache=', '--config.seed=0']
+  assert ablate.command('c', {'train.init_from': ''}, 0, ['train.init_from=x'], 'w')[-1:] == [
+      '--config.seed=0']
+  with pytest.raises(SystemExit, match=r"^--set 'train\.steps': expected key=value$"):
+    ablate.main(['--config=configs/demo.py', '--set', 'train.steps', f'--out={tmp_path}'])
+
 def fake_run(out, cell, seed, accuracy, losses):
   """A finished run directory as the runner leaves it."""
   wd = os.path.join(out, cell, f'seed_{seed}')
@@ -66,6 +76,44 @@ def test_report_aggregates_seeds_into_tables_and_plots(tmp_path):
                  cwd=ROOT, check=True, capture_output=True)
   assert (tmp_path / 'final_vs_train.trainable.png').is_file()
 
+
+
+def test_report_plots_a_metric_every_cell_has(tmp_path, monkeypatch):
+  """final_vs_<key> plots one metric for all cells, on its y axis: the loss where labeled_pair's
+  exact match was skipped (train.exact_match_examples=0); the --eval-as score where the cells'
+  objectives differ."""
+  import matplotlib.axes
+  plotted = []
+  real_errorbar, real_ylabel = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.set_ylabel
+  monkeypatch.setattr(matplotlib.axes.Axes, 'errorbar', lambda ax, x, y, **kw: (
+      plotted.append((kw['label'], y[0])), real_errorbar(ax, x, y, **kw))[1])
+  monkeypatch.setattr(matplotlib.axes.Axes, 'set_ylabel', lambda ax, label, **kw: (
+      plotted.append(label), real_ylabel(ax, label, **kw))[1])
+
+  def fake(out, cell, objective, test, as_labeled_pair=None):
+    wd = os.path.join(out, cell, 'seed_0')
+    os.makedirs(wd)
+    json.dump({'objective': objective}, open(f'{wd}/config.json', 'w'))
+    open(f'{wd}/metrics.jsonl', 'w').write(json.dumps({'step': 1, 'split': 'train', 'loss': 1.0}))
+    json.dump({'cell': cell, 'overrides': {'objective': objective, 'seed': 0},
+               'final': {'val': test, 'test': test},
+               'as_labeled_pair': as_labeled_pair and {'val': as_labeled_pair,
+                                                       'test': as_labeled_pair}},
+              open(f'{wd}/run.json', 'w'))
+  no_em = str(tmp_path / 'no_em')
+  for cell, loss in (('a', 0.9), ('b', 0.8)):
+    fake(no_em, cell, 'labeled_pair', {'loss': loss, 'perplexity': 2.4})
+  report.write(no_em, ['objective'])
+  assert plotted == ['train loss', ('a', 0.9), ('b', 0.8), 'final test loss']
+  plotted.clear()
+  mixed = str(tmp_path / 'mixed')
+  fake(mixed, 'pair', 'labeled_pair', {'loss': 0.9, 'exact_match': 0.14},
+       {'loss': 0.9, 'exact_match': 0.14})
+  fake(mixed, 'lm', 'next_token', {'loss': 1.3}, {'loss': 1.0, 'exact_match': 0.1})
+  report.write(mixed, ['objective'])
+  assert plotted == ['train loss', ('lm', 0.1), ('pair', 0.14),
+                     'final test exact_match (as_labeled_pair)']
+  assert (tmp_path / 'mixed' / 'final_vs_objective.png').read_bytes()[:4] == b'\x89PNG'
 
 def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypatch):
   wd = fake_run(str(tmp_path), 'cell', 0, 0.5, [1.0])

@@ -227,3 +227,58 @@ def test_nan_batch_is_skipped_and_counted_when_allowed(tmp_path, monkeypatch, ca
   with pytest.raises(FloatingPointError, match=r'at step 7 .*\(2 in a row > optim.skip_nonfinite=1\)'):
     train.main(small_argv(wd2, **opts))
   assert max(ckpt_steps(wd2)) == 6
+
+
+def test_a_summary_or_config_cut_short_is_evaluated_again_or_named(tmp_path, monkeypatch):
+  """summary.json cut short (a kill mid-write): the run is not finished, its final evaluation is
+  rewritten; config.json cut short: one error naming it, the workdir left as it was."""
+  wd = str(tmp_path / 'run')
+  train.main(small_argv(wd, train__steps=4))
+  summary, config = os.path.join(wd, 'summary.json'), os.path.join(wd, 'config.json')
+  whole = json.load(open(summary))
+  open(summary, 'w').write(json.dumps(whole)[:40])
+  train.main(small_argv(wd, train__steps=4))
+  assert json.load(open(summary))['val'] == whole['val'] and not glob.glob(f'{wd}/.*tmp*')
+  open(config, 'w').write(open(config).read()[:40])
+  before = snapshot(wd)
+  message = cli_error(small_argv(wd, train__steps=6), monkeypatch)
+  assert message.startswith(f'error: {wd}/config.json is unreadable (Expecting ') and \
+      'put it back, or remove it to resume without comparing the configs' in message, message
+  assert snapshot(wd) == before
+
+
+def test_a_rerun_of_the_final_evaluation_logs_it_once(tmp_path):
+  """Killed between the final evaluation and summary.json: the rerun evaluates again, and
+  metrics.jsonl holds that step's val and test lines once."""
+  wd = str(tmp_path / 'run')
+  train.main(small_argv(wd, train__steps=6))  # (Evaluated at step 5, then at the end.)
+  path = os.path.join(wd, 'metrics.jsonl')
+  first = [json.loads(l) for l in open(path)]
+  os.remove(os.path.join(wd, 'summary.json'))
+  train.main(small_argv(wd, train__steps=6))
+  lines = [json.loads(l) for l in open(path)]
+  assert [(l['step'], l['split']) for l in lines if l['split'] != 'train'] == \
+      [(5, 'val'), (6, 'val'), (6, 'test')]
+  assert [l for l in lines if l['split'] == 'train'] == [l for l in first if l['split'] == 'train']
+  assert [l['loss'] for l in lines if l['step'] == 6 and l['split'] != 'train'] == \
+      [l['loss'] for l in first if l['step'] == 6 and l['split'] != 'train']
+
+
+def test_a_checkpoint_without_its_data_item_says_to_init_from_it(tmp_path, monkeypatch):
+  """Params alone (convert from-hf's, or a data/ item lost) cannot be resumed: one error naming
+  the checkpoint and train.init_from, whose run in a new workdir starts from those params."""
+  wd = str(tmp_path / 'run')
+  opts = dict(checkpoint__every=2, checkpoint__keep_best=False)
+  train.main(small_argv(wd, train__steps=4, **opts))
+  shutil.rmtree(os.path.join(wd, 'checkpoints', '4', 'data'))
+  before = snapshot(wd)
+  message = cli_error(small_argv(wd, train__steps=6, **opts), monkeypatch)
+  step_dir = f'{wd}/checkpoints/4'
+  assert message.startswith(f'error: checkpoint {step_dir} has no data item (the train '
+                            f'position), so it cannot be resumed') and \
+      f'use a new --workdir with --config.train.init_from={step_dir}\n' in message and \
+      message.endswith(f'move {step_dir} aside to resume from step 2'), message
+  assert snapshot(wd) == before
+  new = str(tmp_path / 'new')
+  train.main(small_argv(new, train__steps=2, train__init_from=step_dir, **opts))
+  assert ckpt_steps(new) == [2]

@@ -224,8 +224,12 @@ def test_int8_moments_resume_onto_another_mesh(tmp_path, capsys):
   assert 'checkpoints/3' in capsys.readouterr().out
   a, b = read_params(whole), read_params(resumed)
   assert a.keys() == b.keys()
+  # The meshes sum gradients in other orders, so now and then a moment rounds to the next code
+  # (on one AVX2 CPU: 1 of wte's 12,288 params, by 6e-6); elsewhere the two runs agree to float
+  # rounding, and a flip moves a param by far less than a step (lr 2e-3).
   for k in a:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    off = ~np.isclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert off.mean() <= 1e-3 and np.max(np.abs(a[k] - b[k])) < 5e-5, (k, off.sum())
 
 
 def test_apply_if_finite_by_select_matches_optax_cond():
