@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -125,6 +126,33 @@ def test_a_config_file_elsewhere_extends_common(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"configs/common.py:typo: configs/common.py has "
                                                    r"no variants \(got 'typo'\)"):
     config_lib.parse_args(['--config=configs/common.py:typo'])
+
+
+def test_an_installed_wheel_carries_configs_common(tmp_path):
+  """`pip install .` (not -e) ships configs/: jaxft.config reads configs/common.py's defaults
+  from the installed copy, and a config of one's own elsewhere imports it."""
+  repo, src = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), tmp_path / 'src'
+  src.mkdir()
+  for name in ('jaxft', 'configs', 'pyproject.toml', 'README.md'):  # (No stale build/ of ours.)
+    if os.path.isdir(os.path.join(repo, name)):
+      shutil.copytree(os.path.join(repo, name), src / name,
+                      ignore=shutil.ignore_patterns('__pycache__'))
+    else:
+      shutil.copy(os.path.join(repo, name), src / name)
+  pip = [sys.executable, '-m', 'pip', '-q', '--disable-pip-version-check']
+  subprocess.run([*pip, 'wheel', '--no-deps', '--no-build-isolation', '-w', tmp_path / 'wheel',
+                  src], check=True, capture_output=True)
+  wheel, = (tmp_path / 'wheel').glob('jaxft-*.whl')
+  subprocess.run([*pip, 'install', '--no-deps', '--no-compile', '--target', tmp_path / 'site',
+                  wheel], check=True, capture_output=True)
+  mine = tmp_path / 'mine.py'
+  mine.write_text('from configs import common\n\ndef get_config(arg=None):\n'
+                  '  c = common.get_config()\n  c.train.steps = 7\n  return c\n')
+  code = (f'from jaxft import config; c = config.parse_args(["--config={mine}"])[0]; '
+          f'print(config.COMMON, c.train.steps)')
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': str(tmp_path / 'site')})
+  assert out.stdout.split() == [str(tmp_path / 'site' / 'configs' / 'common.py'), '7'], out.stderr
 
 
 def test_missing_file_and_flag_errors():
