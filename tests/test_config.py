@@ -107,18 +107,27 @@ def test_wrong_type_is_rejected():
       config_lib.parse_args(['--config=configs/demo.py', f'--config.{key}={value}'])
 
 
-def test_a_config_file_elsewhere_extends_common(tmp_path):
-  """A config of one's own, outside the repository, builds on jaxft's configs/common.py; one
-  whose import fails is named."""
+def own_config(tmp_path, pythonpath):
+  """Write a config of one's own, tmp_path/mine.py, on configs/common.py, and load it with an
+  override in a process of its own run from tmp_path (nothing of the repository imported before,
+  PYTHONPATH as given): (its path, [train.steps, seed, optim.lr, the COMMON read])."""
   mine = tmp_path / 'mine.py'
   mine.write_text('from configs import common\n\ndef get_config(arg=None):\n'
                   '  c = common.get_config()\n  c.train.steps = 7\n  return c\n')
-  # In a process of its own, run from elsewhere: nothing of the repository imported before.
   code = (f'from jaxft import config; c = config.parse_args(["--config={mine}", '
-          f'"--config.seed=3"])[0]; print(c.train.steps, c.seed, c.optim.lr)')
+          f'"--config.seed=3"])[0]; print(c.train.steps, c.seed, c.optim.lr, config.COMMON)')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
-  assert out.stdout.split() == ['7', '3', '0.0003'], out.stderr
+                       env={**env, 'PYTHONPATH': pythonpath} if pythonpath else env)
+  assert out.returncode == 0, out.stderr
+  return mine, out.stdout.split()
+
+
+def test_a_config_file_elsewhere_extends_common(tmp_path):
+  """A config of one's own, outside the repository, builds on jaxft's configs/common.py; one
+  whose import fails is named."""
+  mine, out = own_config(tmp_path, '')
+  assert out == ['7', '3', '0.0003', os.path.abspath(config_lib.COMMON)]
   mine.write_text('import no_such_module\n')
   with pytest.raises(config_lib.ConfigError, match=rf"{mine}: ModuleNotFoundError: No module named "
                                                    r"'no_such_module'"):
@@ -145,14 +154,8 @@ def test_an_installed_wheel_carries_configs_common(tmp_path):
   wheel, = (tmp_path / 'wheel').glob('jaxft-*.whl')
   subprocess.run([*pip, 'install', '--no-deps', '--no-compile', '--target', tmp_path / 'site',
                   wheel], check=True, capture_output=True)
-  mine = tmp_path / 'mine.py'
-  mine.write_text('from configs import common\n\ndef get_config(arg=None):\n'
-                  '  c = common.get_config()\n  c.train.steps = 7\n  return c\n')
-  code = (f'from jaxft import config; c = config.parse_args(["--config={mine}"])[0]; '
-          f'print(config.COMMON, c.train.steps)')
-  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, 'PYTHONPATH': str(tmp_path / 'site')})
-  assert out.stdout.split() == [str(tmp_path / 'site' / 'configs' / 'common.py'), '7'], out.stderr
+  _, out = own_config(tmp_path, str(tmp_path / 'site'))
+  assert out == ['7', '3', '0.0003', str(tmp_path / 'site' / 'configs' / 'common.py')]
 
 
 def test_missing_file_and_flag_errors():
