@@ -476,8 +476,8 @@ def bench_decode(cfg, batch, prompt_len, new):
   cached = generate.make_generate(graphdef, never, new)
   buf = np.concatenate([prompts, np.zeros((batch, new), np.int32)], 1)
   full = jax.jit(lambda p, t, n: evaluate.greedy(nnx.merge(graphdef, p), t, n, new))
-  key = jax.random.key(0)
-  (c_first, c_s), (f_first, f_s) = timed(cached, params, prompts, lengths, key), \
+  keys = jax.random.split(jax.random.key(0), batch)
+  (c_first, c_s), (f_first, f_s) = timed(cached, params, prompts, lengths, keys), \
       timed(full, params, buf, lengths)
   return {'platform': jax.devices()[0].platform, 'model': model_cfg.__dict__, 'batch': batch,
           'prompt_len': prompt_len, 'new_tokens': new,

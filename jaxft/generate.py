@@ -3,10 +3,12 @@
     python -m jaxft.generate --workdir runs/demo --prompt '23+58='
     python -m jaxft.generate --workdir runs/demo --prompts-file prompts.jsonl --out out.jsonl \\
         [--max-new-tokens 32 --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0 --num-samples 4]
+        [--batch-size 32]
         [--config.mesh.data=1 ...]   # evaluate's overrides: e.g. a mesh for the devices here
 
-Prompts of different lengths share a batch (right-padded; each row decodes from its own length)
-and stop at EOS. Works for next_token and labeled_pair runs and for `convert from-hf` workdirs.
+Prompts of different lengths share a batch of --batch-size rows (right-padded; each row decodes
+from its own length) and stop at EOS; a row's samples are the same whatever the batch size or
+mesh. Works for next_token and labeled_pair runs and for `convert from-hf` workdirs.
 """
 import argparse
 import json
@@ -15,14 +17,16 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxft import checkpoint, config as config_lib, data, evaluate, objectives, sharding
 
 
-def sample(logits_BV, key, temperature, top_k, top_p):
+def sample(logits_BV, keys_B, temperature, top_k, top_p):
   """Next tokens [batch]: greedy at temperature 0, else sampled from the temperature-scaled
-  distribution cut to the top_k tokens (0: all) and the top_p probability mass (1: all)."""
+  distribution cut to the top_k tokens (0: all) and the top_p probability mass (1: all), each row
+  with its own key (a row's draws do not depend on the rows beside it)."""
   if temperature == 0:
     return jnp.argmax(logits_BV, -1)
   logits_BV = logits_BV / temperature
@@ -35,15 +39,16 @@ def sample(logits_BV, key, temperature, top_k, top_p):
     keep_BV = mass_before_BV < top_p  # The most likely token is always kept.
     cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), -1, keepdims=True)
     logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-  return jax.random.categorical(key, logits_BV)
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BV)
 
 
 def make_generate(graphdef, eos_id, max_new, temperature=0.0, top_k=0, top_p=1.0):
-  """jitted generate(params, prompts [B, P] right-padded, prompt lengths [B], key) -> new tokens
-  [B, max_new] (EOS after a row has finished). Stops early once every row has hit EOS."""
+  """jitted generate(params, prompts [B, P] right-padded, prompt lengths [B], keys [B]) -> new
+  tokens [B, max_new] (EOS after a row has finished). Stops early once every row has hit EOS.
+  Row b samples its i-th token with fold_in(keys[b], i)."""
 
   @jax.jit
-  def generate(params, prompts_BP, prompt_len_B, key):
+  def generate(params, prompts_BP, prompt_len_B, keys_B):
     model = nnx.merge(graphdef, params)
     B, P = prompts_BP.shape
     cache = model.init_cache(B, P + max_new)
@@ -57,7 +62,8 @@ def make_generate(graphdef, eos_id, max_new, temperature=0.0, top_k=0, top_p=1.0
 
     def step(carry):
       i, logits_BV, cache, done_B, out_BN = carry
-      token_B = sample(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
+      step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, i)
+      token_B = sample(logits_BV, step_keys_B, temperature, top_k, top_p)
       token_B = jnp.where(done_B, eos_id, token_B).astype(jnp.int32)
       hidden_B1D, cache = model.extend(token_B[:, None], prompt_len_B + i, cache)
       return (i + 1, model.logits(hidden_B1D)[:, 0], cache, done_B | (token_B == eos_id),
@@ -70,12 +76,12 @@ def make_generate(graphdef, eos_id, max_new, temperature=0.0, top_k=0, top_p=1.0
   return generate
 
 
-def pad_prompts(prompts, pad_id, multiple):
-  """Token lists -> (right-padded [rows, P] array, lengths); rows padded to a multiple with
-  copies of the first prompt (their outputs are dropped)."""
+def pad_prompts(prompts, pad_id, multiple, width=None):
+  """Token lists -> (right-padded [rows, width or the longest] array, lengths); rows padded to a
+  multiple with copies of the first prompt (their outputs are dropped)."""
   rows = -(-len(prompts) // multiple) * multiple
   prompts = prompts + [prompts[0]] * (rows - len(prompts))
-  out = np.full((rows, max(map(len, prompts))), pad_id, np.int32)
+  out = np.full((rows, width or max(map(len, prompts))), pad_id, np.int32)
   for i, p in enumerate(prompts):
     out[i, :len(p)] = p
   return out, np.array([len(p) for p in prompts], np.int32)
@@ -95,6 +101,8 @@ def main(argv):
   parser.add_argument('--top-p', type=float, default=1.0)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--num-samples', type=int, default=1)
+  parser.add_argument('--batch-size', type=int, default=32,
+                      help='rows (prompts x samples) decoded at once; the same samples for any')
   parser.add_argument('--raw', action='store_true', help="labeled_pair runs: prompts as written, "
                       "not through the run's data.prompt_template")
   # Also --config.mesh.* (e.g. fewer devices than the run had) and --config.data.*, as evaluate.
@@ -104,7 +112,8 @@ def main(argv):
             ('--top-k', args.top_k, args.top_k >= 0, '>= 0 (0: all)'),
             ('--top-p', args.top_p, 0 < args.top_p <= 1, 'in (0, 1]'),
             ('--max-new-tokens', args.max_new_tokens, args.max_new_tokens >= 1, '>= 1'),
-            ('--num-samples', args.num_samples, args.num_samples >= 1, '>= 1')]
+            ('--num-samples', args.num_samples, args.num_samples >= 1, '>= 1'),
+            ('--batch-size', args.batch_size, args.batch_size >= 1, '>= 1')]
   bad = [f'{flag} {value} (must be {want})' for flag, value, ok, want in ranges if not ok]
   if bad:
     raise config_lib.ConfigError('out of range: ' + '; '.join(bad))
@@ -131,24 +140,34 @@ def main(argv):
   if longest + args.max_new_tokens > model_cfg.max_len:
     raise config_lib.ConfigError(f'longest prompt ({longest} tokens) + --max-new-tokens '
                                  f'{args.max_new_tokens} > model max_len {model_cfg.max_len}')
-  tokens, lengths = pad_prompts(prompts, tok.pad_id, mesh.shape['data'] * mesh.shape['fsdp'])
   generate = make_generate(graphdef, tok.eos_id, args.max_new_tokens, args.temperature,
                            args.top_k, args.top_p)
-  batch = sharding.shard_batch({'tokens': tokens, 'lengths': lengths}, mesh)
-  out = np.asarray(jax.device_get(generate(params, batch['tokens'], batch['lengths'],
-                                           jax.random.key(args.seed))))
-  sink = open(args.out, 'w') if args.out else sys.stdout
-  for i, (text, seen) in enumerate((t, s) for t, s in zip(texts, shown)
-                                   for _ in range(args.num_samples)):
-    ids = out[i].tolist()
-    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
-    if args.prompt is not None and not args.out:
+  # Every call [rows, longest] (one compile): --batch-size rows, rounded up to the mesh's batch
+  # shards, or all rows when fewer. Row r samples with fold_in(seed's key, r) wherever it falls.
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  rows = -(-min(args.batch_size, len(prompts)) // shards) * shards
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(args.seed),
+                                                      jnp.arange(len(prompts) + rows))
+  new = []
+  for start in range(0, len(prompts), rows):
+    chunk = prompts[start:start + rows]
+    tokens, lengths = pad_prompts(chunk, tok.pad_id, rows, longest)
+    batch = sharding.shard_batch({'tokens': tokens, 'lengths': lengths}, mesh)
+    out = generate(params, batch['tokens'], batch['lengths'], row_keys[start:start + rows])
+    new += [ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            for ids in np.asarray(jax.device_get(out))[:len(chunk)].tolist()]
+  pairs = [(t, s) for t, s in zip(texts, shown) for _ in range(args.num_samples)]
+  if args.prompt is not None and not args.out:
+    for (_, seen), ids in zip(pairs, new):
       print(seen + tok.decode(ids))
-    else:
-      sink.write(json.dumps({'prompt': text, 'sample': i % args.num_samples,
-                             'completion': tok.decode(ids)}) + '\n')
-  if args.out:
-    sink.close()
+    return
+  lines = ''.join(json.dumps({'prompt': text, 'sample': i % args.num_samples,
+                              'completion': tok.decode(ids)}) + '\n'
+                  for i, ((text, _), ids) in enumerate(zip(pairs, new)))
+  if args.out:  # Written whole, or an existing file left as it was.
+    config_lib.write_file(str(epath.Path(args.out).parent), epath.Path(args.out).name, lines)
+  else:
+    sys.stdout.write(lines)
 
 
 if __name__ == '__main__':

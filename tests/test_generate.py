@@ -34,7 +34,7 @@ def decode(workdir, devices, max_new=8, **sampling):
   tokens, lengths = generate.pad_prompts([tok.encode(p) for p in PROMPTS], tok.pad_id, len(devices))
   batch = sharding.shard_batch({'tokens': tokens, 'lengths': lengths}, mesh)
   cached = generate.make_generate(graphdef, tok.eos_id, max_new, **sampling)(
-      params, batch['tokens'], batch['lengths'], jax.random.key(0))
+      params, batch['tokens'], batch['lengths'], jax.random.split(jax.random.key(0), len(tokens)))
   buf = np.full((len(tokens), tokens.shape[1] + max_new), tok.pad_id, np.int32)
   buf[:, :tokens.shape[1]] = tokens
   with sharding.activate(mesh):
@@ -79,7 +79,7 @@ def test_sampling_settings(imported):
   _, hot, _ = decode(workdir, jax.devices()[:1], temperature=5.0)
   assert not np.array_equal(hot, greedy)
   logits = jax.numpy.log(jax.numpy.array([[0.5, 0.3, 0.15, 0.05]]))
-  draws = {int(generate.sample(logits, jax.random.key(s), 1.0, 0, 0.7)[0]) for s in range(200)}
+  draws = {int(generate.sample(logits, jax.random.key(s)[None], 1.0, 0, 0.7)[0]) for s in range(200)}
   assert draws == {0, 1}  # top_p 0.7 keeps the tokens whose preceding mass is below 0.7.
 
 
@@ -112,6 +112,14 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   assert [(l['prompt'], l['sample']) for l in lines] == [
       ('1+1=', 0), ('1+1=', 1), ('30-4=', 0), ('30-4=', 1), ('5+', 0), ('5+', 1)]
   assert all(len(l['completion']) <= 5 for l in lines)  # At most one character per byte token.
+  # The same samples in batches of 4 rows (2 calls) on a mesh of 4 data shards, and of 1 (each
+  # call rounded up to the 8 shards of the default mesh), as in one call of all 6 rows.
+  for argv in (['--batch-size', '4', '--config.mesh.tensor=2'], ['--batch-size', '1']):
+    again = tmp_path / 'again.jsonl'
+    generate.main(['--workdir', wd, '--prompts-file', str(prompts), '--out', str(again),
+                   '--num-samples', '2', '--temperature', '0.7', '--max-new-tokens', '5', *argv])
+    assert [json.loads(l) for l in open(again)] == lines, argv
+  assert len({l['completion'] for l in lines}) > 1
   with pytest.raises(config_lib.ConfigError, match=r'\+ --max-new-tokens 61 > model max_len 64'):
     generate.main(['--workdir', wd, '--prompt', '1+1=', '--max-new-tokens', '61'])
   with pytest.raises(config_lib.ConfigError, match=r'out of range: --temperature -1.0 \(must be '
