@@ -372,6 +372,14 @@ def load_splits(data_cfg, seed):
     if given:  # They would be ignored: a report or a run claiming other data than it used.
       raise DataError(f'{", ".join(given)} given, but data.source=demo reads no files: add '
                       f'--config.data.source=files')
+    share = 1 / demo_data.BUCKETS
+    other = [f'data.{k}={data_cfg[k]}' for k in ('val_fraction', 'test_fraction')
+             if data_cfg[k] != share]
+    if other:  # Ignored, they would let a run claim other splits than it used.
+      raise DataError(f'{", ".join(other)} given, but data.source=demo holds out {share:.0%} of '
+                      f'the questions for val and {share:.0%} for test (by a hash of each '
+                      f'question): leave them at {share}, or write the corpus out (python -m '
+                      f'jaxft.demo_data) and use data.source=files')
     parts = demo_data.splits(data_cfg.demo.num_examples, seed)
     return {s: Records((r, f'demo:{s}:{i}') for i, r in enumerate(rs)) for s, rs in parts.items()}
   if data_cfg.source != 'files':

@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 
 LABEL_NAMES = ('low', 'mid', 'high')  # answer < 50, < 100, >= 100
+BUCKETS = 20  # Questions hashed into 20 buckets: one is val, one test (5% each), the rest train.
 
 
 def make_record(rng):
@@ -35,7 +36,7 @@ def generate(num_examples, seed=0):
 
 def split_of(record):
   """'train', 'val' or 'test' by a hash of the question: held-out questions never occur in train."""
-  bucket = zlib.crc32(record['prompt'].encode()) % 20
+  bucket = zlib.crc32(record['prompt'].encode()) % BUCKETS
   return 'val' if bucket == 0 else 'test' if bucket == 1 else 'train'
 
 

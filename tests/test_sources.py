@@ -133,9 +133,17 @@ def test_trains_labeled_pair_on_hf_datasets_with_field_mapping(hf_dirs, tmp_path
   assert json.load(open(os.path.join(wd, 'summary.json')))['test']['exact_match_examples'] == 10
 
 
-def test_data_files_with_the_demo_source_are_refused_not_ignored():
+def test_data_files_and_fractions_with_the_demo_source_are_refused_not_ignored():
   cfg = small_config(data__test='my_test.jsonl')
   assert cfg.data.source == 'demo'
   with pytest.raises(data.DataError, match=r"data.test='my_test.jsonl' given, but data.source=demo "
                      r"reads no files: add --config.data.source=files"):
     data.load_splits(cfg.data, 0)
+  cfg = small_config(data__val_fraction=0.2)
+  with pytest.raises(data.DataError, match=r"data.val_fraction=0.2 given, but data.source=demo "
+                     r"holds out 5% of the questions for val and 5% for test"):
+    data.load_splits(cfg.data, 0)
+  parts = data.load_splits(small_config().data, 0)  # The fractions it takes: what it holds out.
+  sizes = {s: len(list(r)) for s, r in parts.items()}
+  total = sum(sizes.values())
+  assert all(abs(sizes[s] / total - 0.05) < 0.01 for s in ('val', 'test')), sizes
