@@ -105,10 +105,14 @@ def shown_prompt(prompt, data_cfg):
 
 
 def _pair_fields(rec, where, data_cfg):
-  """(prompt shown through data.prompt_template, completion)."""
+  """(prompt shown through data.prompt_template, completion). An empty completion is a bad
+  record, as an empty text is: it would teach the prompt's answer to be EOS."""
   _check_side(data_cfg)
-  return (shown_prompt(string_field(rec, data_cfg.prompt_field, where), data_cfg),
-          string_field(rec, data_cfg.completion_field, where))
+  prompt = shown_prompt(string_field(rec, data_cfg.prompt_field, where), data_cfg)
+  completion = string_field(rec, data_cfg.completion_field, where)
+  if not completion:
+    raise data.RecordError(f'{where}: field {data_cfg.completion_field!r} is empty')
+  return prompt, completion
 
 
 def prompt_completion_ids(rec, where, tok, data_cfg):
@@ -354,8 +358,13 @@ class Objective:
         else None
     packer = data.Packer(get, data_cfg.seq_len, self._packing(data_cfg), len(good))
     rows = list(iter(packer.row, []))
-    if not rows:
-      raise data.DataError(f'no example with a supervised token among {len(records)} records')
+    if not rows:  # Say why, naming the first record of each kind (which file, which split).
+      bad = list(getattr(records, 'skipped', [])) + good.skipped
+      why = ([f'{len(dropped)} dropped without one (data.drop_unsupervised; first: '
+              f'{dropped[0]})'] if dropped else []) + (
+          [f'{len(bad)} bad records skipped (data.on_error=skip; first: {bad[0]})'] if bad else [])
+      raise data.DataError(f'no example with a supervised token among {len(records)} records'
+                           + (f': {"; ".join(why)}' if why else ''))
     return Encoded(self.arrays([[seg for seg, _ in row] for row in rows], data_cfg.seq_len,
                                tok.pad_id),
                    [list(dict.fromkeys(w for _, w in row)) for row in rows], len(dropped),
@@ -424,10 +433,11 @@ def baselines(objective, train_records, eval_records, eval_examples, tok, data_c
   logp = np.log(counts / counts.sum())
   out = {'unigram_loss': float(-logp[supervised(eval_examples)].mean())}
   if objective.name == 'labeled_pair':
-    def completions(records):  # A bad record is left out here as from training (on_error).
-      for rec, where in records:
-        with data.bad_records(data_cfg.on_error, []):
-          yield tuple(prompt_completion_ids(rec, where, tok, data_cfg)[1])
+    def completions(records):  # A bad record is left out here as from training (on_error),
+      for rec, where in records:  # and so is one whose completion seq_len cuts away (as from
+        with data.bad_records(data_cfg.on_error, []):  # exact match: data.drop_unsupervised).
+          if c := prompt_completion_ids(rec, where, tok, data_cfg)[1]:
+            yield tuple(c)
     best = collections.Counter(completions(train_records)).most_common(1)[0][0]
     out['constant_exact_match'] = float(np.mean([c == best for c in completions(eval_records)]))
   return out

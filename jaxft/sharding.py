@@ -34,6 +34,10 @@ RULES = (
 # so 'mlp' -> ('tensor', 'fsdp') would name 'fsdp' twice in c_fc_kernel ('embed', 'mlp').
 # An array none of whose dimensions divides keeps its RULES spec: it is a few numbers.
 
+# The config key that sets each logical axis's size: named when a mesh axis does not divide it.
+AXIS_KEYS = {'embed': 'model.embed_dim', 'mlp': 'model.mlp_dim', 'heads': 'model.num_heads',
+             'vocab': 'model.vocab_size / model.vocab_multiple'}
+
 
 def make_mesh(mesh_cfg, devices=None):
   """Mesh of shape (data, fsdp, tensor) from config; one -1 entry takes the remaining devices."""
@@ -46,7 +50,9 @@ def make_mesh(mesh_cfg, devices=None):
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ConfigError(f'{len(devices)} devices do not divide by mesh {shape}')
+      given = ' x '.join(f'mesh.{a}={s}' for a, s in zip(MESH_AXES, shape) if s != -1)
+      raise ConfigError(f'{len(devices)} devices do not divide by {given}, so the -1 axis '
+                        f'cannot take the rest')
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
     raise ConfigError(f'mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, '
@@ -110,17 +116,25 @@ def state_shardings(abstract_state, mesh):
     return sh
   shardings = jax.tree.map(place, abstract_state, shardings,
                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+  # Each annotated array's logical axes, by the path of its value (for the error below).
+  logical = {jax.tree_util.keystr(path) + '.value': x.get_metadata().get('out_sharding')
+             for path, x in jax.tree_util.tree_leaves_with_path(
+                 abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+             if isinstance(x, nnx.Variable)}
   bad = []
   flat = jax.tree_util.tree_leaves_with_path(abstract_state)
   for (path, x), sh in zip(flat, jax.tree.leaves(shardings)):
-    for size, axes in zip(x.shape, sh.spec):
+    name = jax.tree_util.keystr(path)
+    for d, (size, axes) in enumerate(zip(x.shape, sh.spec)):
       n = math.prod(mesh.shape[a] for a in mesh_axes(axes))
       if size % n:
-        bad.append((jax.tree_util.keystr(path), size, axes, n))
+        bad.append((name, size, axes, (logical.get(name) or ())[d:d + 1]))
   if bad:  # Name a param rather than its optimizer moments.
-    name, size, axes, n = min(bad, key=lambda b: 'opt_state' in b[0])
-    raise ConfigError(f'{name} has a dimension of {size}, not divisible over mesh axes {axes} '
-                      f'({n} devices): change the mesh or the model size'
+    name, size, axes, axis = min(bad, key=lambda b: 'opt_state' in b[0])
+    by = ' x '.join(f'mesh.{a}={mesh.shape[a]}' for a in mesh_axes(axes))
+    of = f' (its {axis[0]!r} axis: {AXIS_KEYS[axis[0]]})' if axis and axis[0] in AXIS_KEYS else ''
+    raise ConfigError(f'{name} has a dimension of {size}{of}, not divisible over {by} devices: '
+                      f'change the mesh or the model size'
                       + (f' ({len(bad) - 1} more arrays alike)' if len(bad) > 1 else ''))
   return shardings
 

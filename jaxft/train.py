@@ -599,13 +599,43 @@ def run(cfg, workdir):
 
 
 def initialize_distributed(d):
-  """jax.distributed.initialize per config.distributed (before anything touches a device)."""
+  """jax.distributed.initialize per config.distributed (before anything touches a device).
+
+  Settings jax would stumble on (a process id out of range, an address without its port, a
+  missing one outside TPU VMs / SLURM / Open MPI) are named by their keys; so are settings given
+  with distributed.enabled=False, which would be ignored: every process training alone.
+  """
+  given = {k: v for k, v, unset in (('coordinator_address', d.coordinator_address, ''),
+                                    ('num_processes', d.num_processes, 0),
+                                    ('process_id', d.process_id, -1)) if v != unset}
+  shown = ', '.join(f'distributed.{k}={v!r}' for k, v in given.items())
   if not d.enabled:
+    if given:
+      raise config_lib.ConfigError(
+          f'{shown} given with distributed.enabled=False: each process would train alone (into '
+          f'the same workdir); add --config.distributed.enabled=True (or unset them to run one '
+          f'process)')
     return
-  given = {'coordinator_address': d.coordinator_address or None,
-           'num_processes': d.num_processes or None,
-           'process_id': d.process_id if d.process_id >= 0 else None}
-  jax.distributed.initialize(**given, initialization_timeout=d.timeout_s)
+  if given.get('process_id', -1) >= given.get('num_processes', math.inf):
+    raise config_lib.ConfigError(f'distributed.process_id={d.process_id} must be below '
+                                 f'distributed.num_processes={d.num_processes} (ids count from 0)')
+  host, _, port = d.coordinator_address.rpartition(':')
+  if d.coordinator_address and not (host and port.isdecimal()):
+    raise config_lib.ConfigError(f'distributed.coordinator_address={d.coordinator_address!r} '
+                                 f'must be host:port (of process 0)')
+  # Every process says what it waits for: a peer that never comes ends the wait after
+  # distributed.timeout_s in an abort of jax's that names no setting.
+  print(f'jax.distributed: process {given.get("process_id", "(detected)")} of '
+        f'{given.get("num_processes", "(detected)")} joining '
+        f'{d.coordinator_address or "(detected coordinator)"}, waiting up to '
+        f'distributed.timeout_s={d.timeout_s} s for all', flush=True)
+  try:
+    jax.distributed.initialize(**given, initialization_timeout=d.timeout_s)
+  except ValueError as e:  # (What it cannot detect: jax names its argument, not our key.)
+    raise config_lib.ConfigError(
+        f'jax.distributed.initialize ({shown or "nothing given: detect"}): {e} Outside TPU VMs, '
+        f'SLURM and Open MPI give distributed.coordinator_address=host:port (of process 0), '
+        f'distributed.num_processes and distributed.process_id') from None
 
 
 def reuse_host_memory():

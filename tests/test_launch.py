@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -18,16 +19,20 @@ def fake_gcloud(tmp_path):
   """PATH with a `gcloud` that appends its argv to calls.jsonl (and says ACTIVE when asked)."""
   bin_dir, log = tmp_path / 'bin', tmp_path / 'calls.jsonl'
   bin_dir.mkdir()
+  # FAKE_STATE: what describe prints; FAKE_FAIL: a call whose arguments hold it fails.
   (bin_dir / 'gcloud').write_text(
-      '#!/usr/bin/env python3\nimport json, sys\n'
+      '#!/usr/bin/env python3\nimport json, os, sys\n'
       f'open({str(log)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")\n'
-      'if "describe" in sys.argv: print("ACTIVE")\n')
+      'if "describe" in sys.argv: print(os.environ.get("FAKE_STATE", "ACTIVE"))\n'
+      'fail = os.environ.get("FAKE_FAIL")\n'
+      'sys.exit(1 if fail and fail in " ".join(sys.argv) else 0)\n')
   (bin_dir / 'gcloud').chmod(0o755)
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}'}
 
-  def launch(*args):
-    run = subprocess.run([SCRIPT, *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+  def launch(*args, script=SCRIPT, **fake):
+    log.unlink(missing_ok=True)  # The calls of this launch only.
+    run = subprocess.run([script, *args], env={**env, **fake}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
     calls = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
     return run, calls
   return launch
@@ -101,3 +106,114 @@ def test_help_documents_every_option_and_bad_use_is_named(fake_gcloud):
   assert run.returncode == 2 and '--name and --zone are required' in run.stderr and calls == []
   run, calls = fake_gcloud('--zone', 'z', '--name')
   assert run.returncode == 2 and 'launch_tpu.sh: --name needs a value' in run.stderr and calls == []
+
+
+def test_a_failure_after_create_still_deletes_the_vm(fake_gcloud):
+  """--delete holds when a step fails (set -e used to exit first, leaving the VM up and billed)."""
+  delete = ['compute', 'tpus', 'tpu-vm', 'delete', 'tpu1', '--zone=z', '--quiet']
+  run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--delete', '--', *TRAIN,
+                           FAKE_FAIL='pip install')
+  assert run.returncode == 1 and calls[-1] == delete, run.stderr
+  assert not any('jaxft.train' in a for c in calls for a in c)  # Stopped at the install.
+  run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--delete', '--', *TRAIN,
+                           FAKE_FAIL='jaxft.train')
+  assert run.returncode == 1 and calls[-1] == delete and len(calls) == 5  # As before.
+  # A create that fails deletes nothing: the name may be someone else's VM.
+  run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--delete', '--', *TRAIN,
+                           FAKE_FAIL='create')
+  assert run.returncode == 1 and [c[3] for c in calls] == ['create']
+
+
+@pytest.mark.parametrize('state', ['FAILED', 'SUSPENDED'])
+def test_a_queued_resource_that_cannot_become_active_stops_the_wait(fake_gcloud, state):
+  """It waited (every 30 s) for ACTIVE forever."""
+  run, calls = fake_gcloud('--name', 'pod', '--zone', 'z', '--queued', '--repo', 'r', '--delete',
+                           '--', *TRAIN, FAKE_STATE=state)
+  assert run.returncode == 1 and f'launch_tpu.sh: queued resource pod is {state}' in run.stderr
+  assert [c[2:4] for c in calls] == [['queued-resources', 'create'],
+                                     ['queued-resources', 'describe'],
+                                     ['queued-resources', 'delete']]
+
+
+def test_the_install_takes_a_python_new_enough_for_jax(fake_gcloud, tmp_path):
+  """jax >= 0.7 needs Python 3.11; the TPU runtimes' python3 is Ubuntu 22.04's 3.10, and
+  `python3 -m venv` there made a venv in which `pip install -e '.[tpu]'` found no jax."""
+  _, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--', *TRAIN)
+  install = remote(calls[2])
+  assert install.endswith("&& $py -m venv .venv && . .venv/bin/activate && pip install -q -e "
+                          "'.[tpu]'")
+  pick = install[:install.index(' && $py -m venv')]
+  bin_dir, work = tmp_path / 'vm_bin', tmp_path / 'home'
+  bin_dir.mkdir()
+  (work / 'jaxft').mkdir(parents=True)
+
+  def fake(name, body):
+    (bin_dir / name).write_text(f'#!/bin/sh\n{body}\n')
+    (bin_dir / name).chmod(0o755)
+
+  def picked():  # The remote shell on a VM whose commands are only the fakes.
+    out = subprocess.run(['/bin/bash', '-c', f'{pick} && echo "picked $py"'], cwd=work,
+                         env={'PATH': str(bin_dir)}, capture_output=True, text=True, timeout=30)
+    return out.stdout.strip().splitlines()[-1]
+  fake('python3', 'exit 1')  # 3.10: fails the version check.
+  fake('sudo', f'echo "$*" >> {tmp_path}/sudo.log\ncase "$*" in *install*) '
+               f'printf "#!/bin/sh\\nexit 0\\n" > {bin_dir}/python3.11; '
+               f'/bin/chmod +x {bin_dir}/python3.11;; esac')
+  assert picked() == 'picked python3.11'
+  sudo = (tmp_path / 'sudo.log').read_text().splitlines()
+  assert [l.split()[-1] for l in sudo] == ['-qq', 'python3.11-venv'] and 'update' in sudo[0]
+  fake('python3.12', 'exit 0')  # A new enough one (with venv) is taken as it is.
+  assert picked() == 'picked python3.12'
+  assert len((tmp_path / 'sudo.log').read_text().splitlines()) == 2  # No more apt-get.
+
+
+def test_train_arguments_with_spaces_and_quotes_arrive_whole(fake_gcloud, tmp_path):
+  template = "--config.data.prompt_template=Q: {prompt} it's\tA: "
+  _, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--', template, *TRAIN)
+  train = remote(calls[3])
+  # Run by a real bash as the worker's shell would, printing each argument python would get.
+  argv = subprocess.run(['/bin/bash', '-c', train.split('&& ', 2)[2].replace(
+      'python -m jaxft.train', 'printf "%s\\0"', 1)], capture_output=True, text=True).stdout
+  assert argv.split('\0')[:-1] == ['--config.distributed.enabled=True', template, *TRAIN]
+
+
+def test_a_missing_option_value_a_missing_repo_and_unshipped_changes_are_named(fake_gcloud,
+                                                                               tmp_path):
+  run, calls = fake_gcloud('--name', '--zone', 'z', '--', *TRAIN)  # '--zone' was the name.
+  assert run.returncode == 2 and 'launch_tpu.sh: --name needs a value' in run.stderr and not calls
+  # A checkout without an origin remote (and no --repo) has nothing to clone.
+  repo = tmp_path / 'checkout'
+  repo.mkdir()
+  shutil.copy(SCRIPT, repo)
+  (repo / 'code.py').write_text('x = 1\n')
+  for git in (['init', '-q'], ['add', 'code.py'],
+              ['-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-q', '-m', 'x']):
+    subprocess.run(['git', '-C', str(repo), *git], check=True)
+  script = str(repo / 'launch_tpu.sh')
+  run, calls = fake_gcloud('--name', 'x', '--zone', 'z', '--', *TRAIN, script=script)
+  assert run.returncode == 2 and not calls and ('launch_tpu.sh: --ship git needs --repo (this '
+                                                'checkout has no origin remote)') in run.stderr
+  # Both ships send HEAD: an edit not committed is not on the workers, and is said so.
+  warning = 'launch_tpu.sh: warning: this checkout has uncommitted changes'
+  for ship in ('git', 'scp'):
+    run, _ = fake_gcloud('--name', 'x', '--zone', 'z', '--repo', 'r', '--ship', ship, '--',
+                         *TRAIN, script=script)
+    assert run.returncode == 0 and warning not in run.stderr, run.stderr
+  (repo / 'code.py').write_text('x = 2\n')
+  for ship in ('git', 'scp'):
+    run, _ = fake_gcloud('--name', 'x', '--zone', 'z', '--repo', 'r', '--ship', ship, '--',
+                         *TRAIN, script=script)
+    assert run.returncode == 0 and warning in run.stderr
+
+
+@pytest.mark.parametrize('accelerator, runtime', [
+    ('v4-8', 'tpu-ubuntu2204-base'), ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+    ('v5p-8', 'v2-alpha-tpuv5'), ('v6e-8', 'v2-alpha-tpuv6e')])
+def test_the_default_runtime_is_the_one_for_the_tpu_generation(fake_gcloud, accelerator, runtime):
+  """tpu-ubuntu2204-base is for v4 and older only: a v5e / v5p / v6e create was refused."""
+  _, calls = fake_gcloud('--name', 'x', '--zone', 'z', '--repo', 'r', '--accelerator', accelerator,
+                         '--', *TRAIN)
+  assert calls[0][-2:] == [f'--accelerator-type={accelerator}', f'--version={runtime}']
+  _, calls = fake_gcloud('--name', 'x', '--zone', 'z', '--repo', 'r', '--accelerator', accelerator,
+                         '--version', 'mine', '--', *TRAIN)
+  assert calls[0][-1] == '--version=mine'

@@ -4,6 +4,7 @@ counts and meshes, a preemption notice on one process stopping both at the same 
 process 0 only and errors from every process."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_argv, xla_flags
+from conftest import ROOT, cli_error, small_argv, xla_flags
 from experiments.kill_resume import read_params
 from jaxft import train
 
@@ -81,6 +82,10 @@ def test_two_processes_train_like_one(runs):
     assert code == 0, out[-3000:]
   assert 'mesh {\'data\': 8, \'fsdp\': 1, \'tensor\': 1} over 8 cpu devices, 2 process(es)' in \
       outputs[0][1]
+  # Each process says what it waits for (a peer that never joins ends in an abort of jax's).
+  for i, (_, out) in enumerate(outputs):
+    assert re.search(rf'^jax.distributed: process {i} of 2 joining 127\.0\.0\.1:\d+, waiting up '
+                     rf'to distributed\.timeout_s=60 s for all$', out, re.M), out[:2000]
   assert_close(losses(two), losses(one), 1e-5)
   assert list(losses(two)) == [1, 2, 3, 4, 5, 6]  # One metrics line per step: process 0 writes.
   assert_close(losses(two, 'test'), losses(one, 'test'), 1e-5)
@@ -136,3 +141,37 @@ def test_every_process_reports_its_error(tmp_path):
   for code, out in outputs:
     assert code == 1 and f"error: no data file matches '{tmp_path}/missing.jsonl'" in out, out
   assert time.time() - started < 120
+
+
+def test_distributed_settings_that_cannot_work_are_named_by_their_keys(tmp_path, monkeypatch):
+  wd = str(tmp_path / 'run')
+  argv = lambda **d: small_argv(wd, **{f'distributed__{k}': v for k, v in d.items()})
+  # Given without enabled=True they were ignored: every process trained alone, into one workdir.
+  assert cli_error(argv(num_processes=2, process_id=1), monkeypatch) == (
+      'error: distributed.num_processes=2, distributed.process_id=1 given with '
+      'distributed.enabled=False: each process would train alone (into the same workdir); add '
+      '--config.distributed.enabled=True (or unset them to run one process)')
+  address = dict(enabled=True, coordinator_address=f'127.0.0.1:{free_port()}')
+  # jax raised a ValueError naming its own argument (here process 2 of 2: its peers then waited
+  # out distributed.timeout_s), or an IndexError for an address without its port.
+  assert cli_error(argv(**address, num_processes=2, process_id=2), monkeypatch) == (
+      'error: distributed.process_id=2 must be below distributed.num_processes=2 (ids count '
+      'from 0)')
+  assert cli_error(argv(enabled=True, coordinator_address='node0'), monkeypatch) == (
+      "error: distributed.coordinator_address='node0' must be host:port (of process 0)")
+  assert cli_error(argv(process_id=-2), monkeypatch) == (
+      "error: config key 'distributed.process_id' is -2; it must be >= -1")
+  assert not os.path.exists(wd)
+  # What jax cannot detect outside TPU VMs / SLURM / Open MPI (a subprocess: jax.distributed
+  # is process-wide; the environment is cleared of what a cluster would set).
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR', 'TPU_', 'MEGASCALE_'))}
+  run = subprocess.run([sys.executable, '-m', 'jaxft.train', *argv(**address, num_processes=2)],
+                       cwd=ROOT, env={**env, 'XLA_FLAGS': xla_flags(4)}, capture_output=True,
+                       text=True, timeout=120)
+  assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == (
+      f"error: jax.distributed.initialize (distributed.coordinator_address="
+      f"'{address['coordinator_address']}', distributed.num_processes=2): The process id of the "
+      f"current process must be defined. Outside TPU VMs, SLURM and Open MPI give "
+      f"distributed.coordinator_address=host:port (of process 0), distributed.num_processes and "
+      f"distributed.process_id"), run.stderr[-2000:]

@@ -188,6 +188,49 @@ def test_metrics_and_baselines_by_hand():
                               TOK, cfg)['constant_exact_match'] == 0.5
 
 
+def test_an_empty_completion_is_a_bad_record():
+  """It supervised the EOS alone, teaching that the prompt's answer is nothing (an empty text is
+  a bad record too); data.on_error=skip leaves it out and lists it."""
+  pairs = recs({'prompt': '1+2=', 'completion': '3'}, {'prompt': '4+4=', 'completion': ''})
+  with pytest.raises(data.RecordError, match=r"^mem.jsonl:2: field 'completion' is empty$"):
+    encode('labeled_pair', pairs)
+  ex = encode('labeled_pair', pairs, data__on_error='skip')
+  assert ex.skipped == ["mem.jsonl:2: field 'completion' is empty"]
+  assert ex.sources == [['mem.jsonl:1']] and ex['loss_mask'].sum() == 2  # '3' and EOS.
+  cfg = small_config(objective='labeled_pair', data__on_error='skip').data  # Exact match too.
+  assert evaluate.exact_match_examples(pairs, TOK, cfg, P)['reference_len'].tolist() == [2]
+
+
+def test_a_split_left_without_examples_says_why_and_names_a_record():
+  """It said only 'no example with a supervised token among N records': not which file, nor
+  whether seq_len cut the completions away or the records were bad and skipped."""
+  long = recs({'prompt': 'x' * 20, 'completion': 'y'}, {'prompt': 'z' * 20, 'completion': 'w'})
+  with pytest.raises(data.DataError, match=re.escape(
+      'no example with a supervised token among 2 records: 2 dropped without one '
+      '(data.drop_unsupervised; first: mem.jsonl:1)')):
+    encode('labeled_pair', long, data__seq_len=8, data__truncation_side='right',
+           data__drop_unsupervised=True)
+  with pytest.raises(data.DataError, match=re.escape(
+      "no example with a supervised token among 1 records: 1 bad records skipped "
+      "(data.on_error=skip; first: mem.jsonl:1: missing field 'completion' (has: prompt))")):
+    encode('labeled_pair', recs({'prompt': 'q'}), data__on_error='skip')
+
+
+def test_constant_answer_baseline_scores_the_examples_exact_match_scores():
+  """With data.drop_unsupervised, a record whose completion seq_len cuts away is not scored by
+  exact match: the constant-answer baseline counted it as a miss (1/3 here instead of 1/2)."""
+  cfg = small_config(objective='labeled_pair', data__seq_len=8, data__truncation_side='right',
+                     data__drop_unsupervised=True).data
+  lp = objectives.get('labeled_pair')
+  train = recs(*[{'prompt': 'q', 'completion': c} for c in ('7', '7', '8')])
+  evals = recs({'prompt': 'q', 'completion': '7'}, {'prompt': 'x' * 20, 'completion': '7'},
+               {'prompt': 'q', 'completion': '8'})
+  scored = evaluate.exact_match_examples(evals, TOK, cfg, P)
+  assert len(scored['reference']) == 2
+  got = objectives.baselines(lp, train, evals, lp.encode(evals, TOK, cfg), TOK, cfg)
+  assert got['constant_exact_match'] == 0.5
+
+
 def test_greedy_matches_stepwise_argmax_and_exact_match_counts():
   model = tiny_model(seed=3)
   prompts = [ids('12+'), ids('3-45=')]

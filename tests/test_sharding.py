@@ -1,4 +1,6 @@
 """The same 5 steps on 1 device and on meshes of 8 fake devices: same losses, rules-table specs."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -95,15 +97,29 @@ def test_mesh_from_config_fills_minus_one():
   bad = small_config(mesh__data=3, mesh__fsdp=1, mesh__tensor=1)
   with pytest.raises(ValueError, match='needs 3 devices, have 8'):
     sharding.make_mesh(bad.mesh)
+  bad = small_config(mesh__data=-1, mesh__fsdp=3, mesh__tensor=1)  # It said 'mesh [-1, 3, 1]'.
+  with pytest.raises(ValueError, match=r'^8 devices do not divide by mesh\.fsdp=3 x '
+                                       r'mesh\.tensor=1, so the -1 axis cannot take the rest$'):
+    sharding.make_mesh(bad.mesh)
 
 
 def test_indivisible_param_is_named():
-  """4 heads cannot split 8 ways: the error names the parameter before anything is allocated."""
+  """4 heads cannot split 8 ways: the error names the parameter, and the config keys on both
+  sides (the mesh axis and the model size behind the param's logical axis), before anything is
+  allocated."""
   cfg = small_config(mesh__data=1, mesh__fsdp=1, mesh__tensor=8)
   mesh = sharding.make_mesh(cfg.mesh)
   tx, _ = optim.build(cfg.optim, 10)
-  with pytest.raises(ValueError, match=r"c_attn.*dimension of 4.*tensor"):
+  with pytest.raises(ValueError, match=re.escape(
+      "['params']['h'][0]['attn']['c_attn_bias'].value has a dimension of 4 (its 'heads' axis: "
+      "model.num_heads), not divisible over mesh.tensor=8 devices: change the mesh or the model "
+      "size (17 more arrays alike)")):
     train.build_state(cfg, model_lib.config_from(cfg.model, 258), tx, mesh)
+  cfg = small_config(mesh__data=1, mesh__fsdp=8, model__embed_dim=36)  # 36 = 4 heads x 9.
+  with pytest.raises(ValueError, match=re.escape(
+      "['params']['h'][0]['attn']['c_attn_kernel'].value has a dimension of 36 (its 'embed' "
+      "axis: model.embed_dim), not divisible over mesh.fsdp=8 devices")):
+    train.build_state(cfg, model_lib.config_from(cfg.model, 258), tx, sharding.make_mesh(cfg.mesh))
 
 
 def device_bytes(tree, device):
