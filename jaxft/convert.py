@@ -28,6 +28,10 @@ from jaxft import checkpoint, model as model_lib, objectives, sharding, tokenize
 LM, CLASSIFIER = 'GPT2LMHeadModel', 'GPT2ForSequenceClassification'
 # HF keys that hold no parameter of ours: the tied LM head and old attention-mask buffers.
 IGNORED_SUFFIXES = ('lm_head.weight', '.attn.bias', '.attn.masked_bias')
+# Files in an export's directory that transformers reads with the model or its tokenizer.
+STALE = re.compile(r'model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|'
+                   r'tokenizer(_config)?\.json|tokenizer\.model|vocab\.json|merges\.txt|'
+                   r'special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)')
 
 
 def table(cfg):
@@ -106,7 +110,10 @@ def read_hf_config(hf_dir):
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{hf_dir}: no config.json (not a Hugging Face model directory)')
-  raw = json.load(open(path))
+  try:
+    raw = json.load(open(path))
+  except (ValueError, UnicodeDecodeError) as e:  # A download cut short, an edit gone wrong.
+    raise checkpoint.CheckpointMismatch(f'{path} is not valid JSON: {e}') from None
   if raw.get('model_type') != 'gpt2':
     raise checkpoint.CheckpointMismatch(f'{path}: unsupported config: model_type='
                                         f'{raw.get("model_type")!r} (jaxft supports \'gpt2\')')
@@ -183,11 +190,21 @@ def abstract_model(model_cfg, mesh):
     return nnx.split(nnx.eval_shape(lambda: model_lib.GPT(model_cfg, nnx.Rngs(0))))
 
 
+def check_out(out):
+  """Refuse an --out that is a file, or lies under one, before any work is done."""
+  path = os.path.abspath(out)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise FileExistsError(f'--out {out}: {path} is a file, not a directory')
+
+
 def local_dir(name):
   """A local HF model directory, or a hub id fetched (safetensors and json files only)."""
-  if os.path.isdir(name):
-    return name
-  if os.path.exists(name) or name.startswith(('.', '/', '~')):
+  path = os.path.expanduser(name)  # A ~ no shell expanded (init_from=hf:~/models/x).
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path) or name.startswith(('.', '/', '~')):
     raise FileNotFoundError(f'{name}: not a Hugging Face model directory')
   from huggingface_hub import snapshot_download
   try:
@@ -202,7 +219,11 @@ def tensor_index(hf_dir):
   from safetensors import safe_open
   index = os.path.join(hf_dir, 'model.safetensors.index.json')
   if os.path.isfile(index):
-    files = sorted(set(json.load(open(index))['weight_map'].values()))
+    try:
+      files = sorted(set(json.load(open(index))['weight_map'].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise checkpoint.CheckpointMismatch(f'{index}: not a safetensors index (a JSON object with '
+                                          f'a "weight_map" of tensor -> file): {e!r}') from None
   elif os.path.isfile(os.path.join(hf_dir, 'model.safetensors')):
     files = ['model.safetensors']
   else:
@@ -212,10 +233,17 @@ def tensor_index(hf_dir):
   out = {}
   for name in files:
     path = os.path.join(hf_dir, name)
-    with safe_open(path, 'np') as f:
-      for key in f.keys():
-        full = key if key.startswith(('transformer.', 'score.', 'lm_head.')) else 'transformer.' + key
-        out[full] = (path, key)
+    try:
+      with safe_open(path, 'np') as f:
+        keys = list(f.keys())
+    except FileNotFoundError:
+      raise FileNotFoundError(f'{path}: no such file (listed in {index})') from None
+    except Exception as e:  # safetensors' own error: a file cut short (an interrupted download).
+      raise checkpoint.CheckpointMismatch(f'{path} is not a readable safetensors file '
+                                          f'({type(e).__name__}: {e})') from None
+    for key in keys:
+      full = key if key.startswith(('transformer.', 'score.', 'lm_head.')) else 'transformer.' + key
+      out[full] = (path, key)
   return out
 
 
@@ -228,16 +256,18 @@ def hf_tensors(hf_dir, model_cfg, new_ok=lambda path: False):
   c, labels = read_hf_config(hf_dir)
   check_config(hf_dir, c, labels, model_cfg, new_ok)
   index = tensor_index(hf_dir)
+  files = ', '.join(sorted({os.path.basename(f) for f, _ in index.values()}))
   rows, problems = [], []
   for path, name, shape, hf_shape, kind in table(model_cfg):
     if name not in index:
       if not new_ok(path):
-        problems.append(f'missing in checkpoint: {name} {hf_shape}')
+        problems.append(f'missing in checkpoint: {name} {hf_shape} (none of {files} has it)')
       continue
     with safe_open(index[name][0], 'np') as f:
       saved = tuple(f.get_slice(index[name][1]).get_shape())
     if saved != hf_shape:
-      problems.append(f'{name}: checkpoint {saved} vs model {hf_shape}')
+      problems.append(f'{name}: checkpoint {saved} (in {os.path.basename(index[name][0])}) vs '
+                      f'model {hf_shape}')
     rows.append((path, name, shape, kind))
   used = {name for _, name, _, _ in rows}
   # Weights of blocks beyond the config's n_layer: its config.json does not describe them.
@@ -278,13 +308,15 @@ def import_hf(name, out, tokenizer=None, config=None):
   configs/common.py): the rest of the recorded config, e.g. the data to evaluate on."""
   from jaxft import config as config_lib
   cfg = config_lib.load_file(config or config_lib.COMMON)  # Fails before anything is written.
+  check_out(out)
   if any(os.path.exists(os.path.join(out, f)) for f in ('config.json', 'checkpoints')):
     raise FileExistsError(f'{out} already holds a jaxft run (config.json or checkpoints/); '
                           f'from-hf writes a new workdir: give another --out')
   hf_dir = local_dir(name)
   c, labels = read_hf_config(hf_dir)
   fields = gpt_config_fields(c, labels)
-  spec = tokenizer or f'hf:{os.path.abspath(hf_dir) if os.path.isdir(name) else name}'
+  local = os.path.isdir(os.path.expanduser(name))  # (Else a hub id: its name is the spec.)
+  spec = tokenizer or f'hf:{os.path.abspath(hf_dir) if local else name}'
   tok = tokenizer_lib.build(spec)
   if tok.vocab_size != c['vocab_size']:  # jaxft's vocab is the tokenizer's: they must agree.
     raise checkpoint.CheckpointMismatch(
@@ -361,6 +393,7 @@ def check_tokenizer(cfg, tok, directory, step):
 def export(path, out, verify=True, shard_bytes=2 ** 28):
   """`to-hf`: write an HF model directory for a jaxft checkpoint; verify it unless told not to.
   Returns the max abs logit difference (None without verification)."""
+  check_out(out)
   cfg, directory, step = checkpoint.run_config(path)
   tok = tokenizer_lib.build(cfg.tokenizer)
   check_tokenizer(cfg, tok, directory, step)
@@ -382,10 +415,11 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
   if os.path.isdir(os.path.join(out, 'checkpoints')):  # Its config.json would be overwritten.
     raise FileExistsError(f'{out} is a jaxft workdir; give to-hf another --out')
   # Written and verified beside --out, then moved in: an export that fails its check (or is
-  # cut short) leaves --out as it was.
-  parent = os.path.dirname(os.path.abspath(out))
+  # cut short) leaves --out as it was. Beside where --out really is: a rename cannot cross
+  # file systems, and a symlinked --out may point to another one.
+  parent = os.path.dirname(os.path.realpath(out))
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out))}-', dir=parent)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.realpath(out))}-', dir=parent)
   try:
     _write_hf(staging, params_dir, shards, model_cfg, tok, label_names, cfg.data)
     try:
@@ -394,12 +428,13 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
       raise checkpoint.CheckpointMismatch(f'{path} -> {out}: {e} ({out} left as it was)') from None
     os.makedirs(out, exist_ok=True)
     # An earlier export's weights would be loaded alongside (or instead of) these, as
-    # save_pretrained also knows: they go first.
+    # save_pretrained also knows, and another tokenizer's files (added tokens, special tokens,
+    # a chat template) would be read into this one: they go first.
+    written = os.listdir(staging)
     for old in os.listdir(out):
-      if re.fullmatch(r'model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json',
-                      old):
+      if old not in written and STALE.fullmatch(old):
         os.remove(os.path.join(out, old))
-    for name in os.listdir(staging):
+    for name in written:
       os.replace(os.path.join(staging, name), os.path.join(out, name))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -447,7 +482,7 @@ def verify_export(out, params_dir, model_cfg, tok, tolerance=1e-4):
   V, L = model_cfg.tokenizer_vocab, min(model_cfg.max_len, 24)
   real = [tid for tid in range(min(V, 1024)) if tid not in (tok.pad_id, tok.eos_id)]
   tokens = rng.choice(real, size=(3, L)).astype(np.int32)
-  lengths = np.array([L, L - 7, 5])
+  lengths = np.clip([L, L - 7, 5], 1, L)  # Each row has a real token, at any max_len.
   mask = np.arange(L)[None] < lengths[:, None]
   tokens[~mask] = tok.pad_id
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),

@@ -40,7 +40,10 @@ def greedy(model, tokens_BL, prompt_len_B, num_new):
 
 def exact_match_examples(records, tok, data_cfg, pad_id):
   """Prompt buffers and references for greedy exact match, as arrays over `records`."""
-  pairs = [objectives.prompt_completion_ids(rec, where, tok, data_cfg) for rec, where in records]
+  pairs = []
+  for rec, where in records:  # A bad record is left out as from training (data.on_error=skip).
+    with data.bad_records(data_cfg.on_error, []):
+      pairs.append(objectives.prompt_completion_ids(rec, where, tok, data_cfg))
   pairs = [(p, c) for p, c in pairs if c]
   if not pairs:  # (data.drop_unsupervised: every one left without a completion.)
     raise data.DataError(f'train.exact_match_examples: none of the first {len(records)} records '
@@ -177,7 +180,10 @@ def main(argv):
   args, rest = parser.parse_known_args(config_lib.equals_form(argv))
   overrides = overrides_of(rest, parser)
   cfg, tok, _, graphdef, params = load(args.workdir, args.step, overrides=overrides)
-  step = args.step if args.step is not None else checkpoint.resolve(args.workdir)[1]
+  # --workdir may name the checkpoints/ dir or a step in it: reports go to the run's workdir,
+  # never into a checkpoint.
+  directory, latest = checkpoint.resolve(args.workdir)
+  step = args.step if args.step is not None else latest
   if args.objective:
     if objectives.get(args.objective).has_head != objectives.get(cfg.objective).has_head:
       raise config_lib.ConfigError(f'--objective {args.objective} needs a different model head '
@@ -199,7 +205,7 @@ def main(argv):
   split = args.split if not args.objective else f'{args.split}_as_{args.objective}'
   if overrides:  # Other data than the run's: a report of its own, not the run's overwritten.
     split += '_' + hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
-  path = write_report(args.workdir, cfg, step, split, metrics, baselines, max_batches,
+  path = write_report(directory.parent, cfg, step, split, metrics, baselines, max_batches,
                       overrides=dict(overrides))
   print(f'{cfg.objective} on {args.split} at step {step}:')
   for k, v in {**metrics, **{f'baseline {k}': v for k, v in baselines.items()}}.items():

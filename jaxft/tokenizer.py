@@ -50,7 +50,11 @@ class HFTokenizer:
       raise FileNotFoundError(f'tokenizer=hf:{name}: no tokenizer files there (one of '
                               f'{", ".join(TOKENIZER_FILES)})')
     # Never run code shipped with a tokenizer (auto_map): only the tokenizers' own classes load.
-    self.hf = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    try:
+      self.hf = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except Exception as e:  # A file cut short, files transformers cannot build from, no network.
+      raise ConfigError(f'tokenizer=hf:{name} could not be loaded ({type(e).__name__}: '
+                        f'{str(e).strip()})') from None
     if self.hf.eos_token_id is None:
       raise ConfigError(f'tokenizer {name} has no EOS token; jaxft ends documents with one')
     self.eos_id = self.hf.eos_token_id
@@ -145,6 +149,8 @@ def main(argv):
   args = parser.parse_args(argv)
   if args.vocab_size <= 257:  # The 256 bytes and EOS come first; merges only above them.
     raise ConfigError(f'--vocab-size {args.vocab_size}: must be above 257 (256 bytes + EOS)')
+  from jaxft import convert
+  convert.check_out(args.out)  # (transformers would only log that it saved nothing.)
   held = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(args.out, f))]
   if held and not args.force:  # Runs trained with it would resume with other ids (refused).
     raise FileExistsError(f'--out {args.out} already holds a tokenizer ({", ".join(held)}): '

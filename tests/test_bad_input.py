@@ -65,8 +65,8 @@ CASES = {
         r'model\.embed_dim=32 is not divisible by model\.num_heads=5'),
     'tensor parallelism does not divide heads': (
         {'mesh__data': 1, 'mesh__tensor': 8}, False,
-        r"^error: \['params'\]\['h'\]\[0\]\['attn'\]\['c_attn_bias'\]\.value has a dimension of 4, "
-        r"not divisible over mesh axes tensor \(8 devices\)"),
+        r"^error: \['params'\]\['h'\]\[0\]\['attn'\]\['c_attn_bias'\]\.value has a dimension of 4 "
+        r"\(its 'heads' axis: model\.num_heads\), not divisible over mesh\.tensor=8 devices"),
     'batch not divisible by data x fsdp': (
         {'train__batch_size': 12}, False, r'train\.batch_size=12 must divide into '
         r'train\.grad_accum=1 micro-batches over mesh\.data x mesh\.fsdp = 8 devices'),
@@ -157,7 +157,21 @@ CASES = {
     'tokenizer directory missing': (
         lambda tmp: {'tokenizer': f'hf:{tmp}/no_tokenizer'}, False,
         r'tokenizer=hf:.*/no_tokenizer: no such directory'),
+    'tokenizer file cut short': (
+        lambda tmp: {'tokenizer': 'hf:' + cut_short(hf_model(tmp), 'tokenizer.json')}, False,
+        r'tokenizer=hf:.*/hf could not be loaded \(JSONDecodeError: '),
+    'init_from an HF checkpoint cut short': (
+        lambda tmp: {'train__init_from': 'hf:' + cut_short(hf_model(tmp), 'model.safetensors')},
+        True, r'/hf/model\.safetensors is not a readable safetensors file \(SafetensorError: '),
 }
+
+
+def cut_short(hf, name):
+  """Leave the first half of the file `name` in an HF model dir (a download cut short)."""
+  path = os.path.join(hf, name)
+  data = open(path, 'rb').read()
+  open(path, 'wb').write(data[:len(data) // 2])
+  return hf
 
 
 def config_only(hf):

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,18 @@ def test_hf_to_jaxft_to_hf_round_trip_is_identical(tmp_path, num_labels):
   assert back['layer_norm_epsilon'] == 1e-3
   if num_labels:
     assert back['id2label'] == {'0': 'c0', '1': 'c1', '2': 'c2'} and back['pad_token_id'] == 257
+
+
+def test_a_classifier_of_few_positions_exports_and_passes_its_check(tmp_path):
+  """The export check's padded batch fits a model of 6 positions: its row of L - 7 tokens was
+  empty, and a right export failed the check."""
+  src = hf_dir(tmp_path / 'src', 3, n_positions=6)
+  convert.import_hf(src, str(tmp_path / 'run'))
+  assert convert.export(str(tmp_path / 'run'), str(tmp_path / 'back')) < 1e-4
+  a, b = tensors(src), tensors(tmp_path / 'back')
+  assert sorted(a) == sorted(b) and b['transformer.wpe.weight'].shape == (6, 32)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.parametrize('activation', ['gelu_fast', 'gelu_pytorch_tanh'])
@@ -316,6 +329,17 @@ def test_export_replaces_an_earlier_export_and_spares_workdirs(tmp_path):
   # And back to one file: the shards and their index go.
   assert convert.export(str(tmp_path / 'run'), str(out)) < 1e-4
   assert sorted(f for f in os.listdir(out) if f.startswith('model')) == ['model.safetensors']
+  # Another tokenizer's files there (an HF model dir saved by an older transformers): its added
+  # and special tokens would be read into the export's tokenizer (ids past the model's vocab).
+  json.dump({'<pad>': 258, '<sep>': 259}, open(out / 'added_tokens.json', 'w'))
+  json.dump({'pad_token': '<pad>', 'eos_token': '<sep>'}, open(out / 'special_tokens_map.json', 'w'))
+  (out / 'chat_template.jinja').write_text('{{ messages }}')
+  (out / 'README.md').write_text('kept')  # Not read by transformers: the user's.
+  assert convert.export(str(tmp_path / 'run'), str(out)) < 1e-4
+  exported = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert (len(exported), exported.eos_token_id, exported.pad_token_id) == (258, 256, 257)
+  assert exported('23+58=', add_special_tokens=False)['input_ids'] == list(b'23+58=')
+  assert exported.chat_template is None and (out / 'README.md').read_text() == 'kept'
   before = snapshot(tmp_path / 'run')
   with pytest.raises(FileExistsError, match=r'run is a jaxft workdir'):
     convert.export(str(tmp_path / 'run'), str(tmp_path / 'run'))
@@ -325,6 +349,114 @@ def test_export_replaces_an_earlier_export_and_spares_workdirs(tmp_path):
   cfg_path.write_text(cfg_path.read_text().replace('"dtype": "float32"', '"dtype": "bfloat16"'))
   assert json.loads(cfg_path.read_text())['model']['dtype'] == 'bfloat16'
   assert convert.export(str(tmp_path / 'run'), str(out)) < 1e-4
+
+
+def test_damaged_hf_files_are_named_and_nothing_is_written(tmp_path, monkeypatch):
+  """A download cut short or a file edited wrong: from-hf names the file and what is wrong with
+  it (one error line, no traceback) and writes nothing."""
+  src = hf_dir(tmp_path / 'src')
+  convert.import_hf(src, str(tmp_path / 'run'))
+  sharded = str(tmp_path / 'sharded')
+  convert.export(str(tmp_path / 'run'), sharded, verify=False, shard_bytes=40_000)
+  shard = sorted(f for f in os.listdir(sharded) if f.endswith('.safetensors'))[1]
+
+  def cut(path, name, keep):
+    data = (path / name).read_bytes()
+    (path / name).write_bytes(data[:keep(len(data))])
+
+  def edit_tensors(path, change):
+    t = tensors(path)
+    change(t)
+    save_file(t, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+  cases = [
+      ('cut', src, lambda p: cut(p, 'model.safetensors', lambda n: n // 2),
+       checkpoint.CheckpointMismatch, r'cut/model\.safetensors is not a readable safetensors '
+       r'file \(SafetensorError: '),
+      ('json', src, lambda p: cut(p, 'config.json', lambda n: n - 10), checkpoint.CheckpointMismatch,
+       r'json/config\.json is not valid JSON: '),
+      ('tensor', src, lambda p: edit_tensors(p, lambda t: t.pop('transformer.h.1.ln_2.bias')),
+       checkpoint.CheckpointMismatch, r'missing in checkpoint: transformer\.h\.1\.ln_2\.bias '
+       r'\(32,\) \(none of model\.safetensors has it\)'),
+      ('shape', src, lambda p: edit_tensors(p, lambda t: t.update(
+          {'transformer.wpe.weight': t['transformer.wpe.weight'][:32]})),
+       checkpoint.CheckpointMismatch, r'transformer\.wpe\.weight: checkpoint \(32, 32\) \(in '
+       r'model\.safetensors\) vs model \(64, 32\)'),
+      ('index', sharded, lambda p: (p / 'model.safetensors.index.json').write_text('{}'),
+       checkpoint.CheckpointMismatch, r'index/model\.safetensors\.index\.json: not a safetensors '
+       r"index .*KeyError\('weight_map'\)"),
+      ('shard', sharded, lambda p: os.remove(p / shard), FileNotFoundError,
+       rf'shard/{shard}: no such file \(listed in .*shard/model\.safetensors\.index\.json\)'),
+      ('tokenizer', src, lambda p: cut(p, 'tokenizer.json', lambda n: n // 2), ConfigError,
+       r'tokenizer=hf:.*tokenizer could not be loaded \(JSONDecodeError: ')]
+  for name, origin, damage, error, message in cases:
+    path = tmp_path / name
+    shutil.copytree(origin, path)
+    damage(path)
+    with pytest.raises(error, match=message):
+      convert.import_hf(str(path), str(tmp_path / f'{name}_run'))
+    assert not os.path.exists(tmp_path / f'{name}_run'), name
+  monkeypatch.setattr(sys, 'argv', ['jaxft.convert', 'from-hf', '--model', str(tmp_path / 'cut'),
+                                    '--out', str(tmp_path / 'cut_run')])
+  with pytest.raises(SystemExit, match=r'^error: .*cut/model\.safetensors is not a readable'):
+    cli.run(convert.main)
+
+
+def test_an_out_that_is_a_file_or_a_symlink(tmp_path, monkeypatch):
+  """--out that is (or lies under) a file is refused before any work, by to-hf, from-hf and
+  tokenizer train (which saved nothing and said it had); a symlinked --out, here to another file
+  system where there is one, is written beside its target (a rename cannot cross file systems:
+  the earlier export there lost its weights)."""
+  src = hf_dir(tmp_path / 'src')
+  run = str(tmp_path / 'run')
+  convert.import_hf(src, run)
+  corpus = tmp_path / 'c.jsonl'
+  corpus.write_text(''.join(json.dumps({'text': f'the cat {i}'}) + '\n' for i in range(50)))
+  afile = tmp_path / 'afile'
+  afile.write_text('kept')
+  before = sorted(os.listdir(tmp_path))
+  for command in (lambda out: convert.export(run, out), lambda out: convert.import_hf(src, out),
+                  lambda out: tokenizer.main(['train', '--input', str(corpus), '--vocab-size',
+                                              '300', '--out', out])):
+    for out in (afile, afile / 'sub'):
+      with pytest.raises(FileExistsError, match=rf'--out {out}: {afile} is a file, not a directory'):
+        command(str(out))
+  assert afile.read_text() == 'kept' and sorted(os.listdir(tmp_path)) == before
+  shm = '/dev/shm'  # A tmpfs: another file system than tmp_path's, where the machine has one.
+  other_fs = os.path.isdir(shm) and os.stat(shm).st_dev != os.stat(tmp_path).st_dev
+  target = tempfile.mkdtemp(dir=shm if other_fs else tmp_path)
+  try:
+    convert.export(run, target, verify=False)
+    first = tensors(target)
+    link = tmp_path / 'link'
+    link.symlink_to(target)
+    staged, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, 'mkdtemp', lambda **kw: staged.append(kw['dir']) or mkdtemp(**kw))
+    assert convert.export(run, str(link)) < 1e-4
+    assert staged == [os.path.dirname(os.path.realpath(target))]
+    again = tensors(target)
+    assert sorted(again) == sorted(first)
+    for k in first:
+      np.testing.assert_array_equal(again[k], first[k], err_msg=k)
+    assert sorted(os.listdir(target)) == ['config.json', 'generation_config.json',
+                                          'model.safetensors', 'tokenizer.json',
+                                          'tokenizer_config.json']
+    assert not [f for f in os.listdir(os.path.dirname(target)) + os.listdir(tmp_path)
+                if f.startswith('.')]  # No staging directory left behind.
+  finally:
+    shutil.rmtree(target, ignore_errors=True)
+
+
+def test_a_model_dir_given_with_a_tilde(tmp_path, monkeypatch):
+  """init_from=hf:~/models/x in a config (no shell expands that ~) or from-hf --model=~/models/x
+  reads the directory, as tokenizer=hf:~/... does; it was taken for a missing one."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  src = hf_dir(tmp_path / 'models' / 'x')
+  assert convert.local_dir('~/models/x') == src
+  report = convert.import_hf('~/models/x', str(tmp_path / 'run'))
+  assert len(report['loaded']) == 28
+  assert json.load(open(tmp_path / 'run' / 'config.json'))['tokenizer'] == f'hf:{src}'
+  with pytest.raises(FileNotFoundError, match=r'^~/models/y: not a Hugging Face model directory'):
+    convert.local_dir('~/models/y')
 
 
 def test_init_from_hf_loads_onto_a_mesh_and_keeps_logits(tmp_path):

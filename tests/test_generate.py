@@ -2,6 +2,8 @@
 evaluate command lines; summary.json."""
 import json
 import os
+import re
+import shutil
 
 import jax
 import ml_collections
@@ -10,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import small_argv
+from conftest import small_argv, snapshot
 from jaxft import config as config_lib, convert, data, evaluate, generate, sharding, train
 from test_convert import hf_dir
 
@@ -153,3 +155,22 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   with pytest.raises(config_lib.ConfigError, match=r'is a classification run: its outputs are '
                      r'class scores \(python -m jaxft.evaluate\), not text'):
     generate.main(['--workdir', wd, '--prompt', '1+1='])
+
+
+def test_evaluate_of_a_checkpoint_dir_reports_into_the_workdir(imported, tmp_path, capsys):
+  """--workdir may name a run's checkpoints/ dir or one step in it: the report goes to the run's
+  eval/, never into the checkpoint (where orbax's clean-up would delete it with the step)."""
+  run = tmp_path / 'run'
+  shutil.copytree(imported[1], run)
+  before = snapshot(run / 'checkpoints')
+  data_args = ['--config.data.source=demo', '--config.data.demo.num_examples=200',
+               '--config.data.seq_len=32']
+  reports = []
+  for argv in (['--workdir', str(run / 'checkpoints' / '0')],
+               ['--workdir', str(run / 'checkpoints'), '--step', '0']):
+    evaluate.main(argv + ['--split', 'val'] + data_args)
+    path = re.search(r'wrote (\S+)', capsys.readouterr().out).group(1)
+    assert os.path.dirname(path) == str(run / 'eval'), path
+    reports.append(json.load(open(path)))
+  assert reports[0] == reports[1] and reports[0]['step'] == 0 and reports[0]['metrics']['loss'] > 0
+  assert snapshot(run / 'checkpoints') == before
