@@ -46,8 +46,9 @@ def manager(workdir, ckpt_cfg):
 
 
 def absolute(path):
-  """An epath.Path: local paths made absolute, remote ones (gs://...) kept as given."""
-  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
+  """An epath.Path: local paths made absolute (a ~ no shell expanded, as in
+  --config.train.init_from=~/runs/x, is the home directory), remote ones (gs://...) as given."""
+  return epath.Path(path if '://' in str(path) else os.path.abspath(os.path.expanduser(path)))
 
 
 class StorageError(RuntimeError):

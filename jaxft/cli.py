@@ -6,13 +6,14 @@ import sys
 from jaxft import checkpoint, config, data
 
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointMismatch,
-               checkpoint.StorageError, FileNotFoundError, FileExistsError,
+               checkpoint.StorageError, FileNotFoundError, FileExistsError, PermissionError,
+               NotADirectoryError, IsADirectoryError,  # (These name the path.)
                FloatingPointError)  # (A non-finite loss: the run diverged, or its data.)
 
 
 def run(main):
   """main(argv) with the user errors (bad config, data, checkpoint, storage, a missing file, an
-  output that would overwrite one, a diverged run) reported."""
+  output that would overwrite one, a path that cannot be written, a diverged run) reported."""
   try:
     main(sys.argv[1:])
   except USER_ERRORS as e:

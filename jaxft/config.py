@@ -234,7 +234,7 @@ def parse_args(argv, usage='python -m jaxft.train ' + USAGE):
     name = os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]
     variant = spec.partition(':')[2]
     workdir = os.path.join('runs', f'{name}_{variant}' if variant else name)
-  return cfg, workdir
+  return cfg, os.path.expanduser(workdir)  # (No shell expands the ~ of --workdir=~/runs/x.)
 
 
 def write_file(workdir, name, text):

@@ -8,7 +8,6 @@ and `label` (classification: the size of the answer, a rule the model must compu
 import argparse
 import json
 import os
-import sys
 import zlib
 
 import numpy as np
@@ -62,4 +61,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  from jaxft import cli
+  cli.run(main)

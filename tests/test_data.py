@@ -1,12 +1,13 @@
 import collections
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
 
 from conftest import small_config
-from jaxft import data, demo_data, objectives, tokenizer
+from jaxft import cli, data, demo_data, objectives, tokenizer
 
 
 def write(path, lines):
@@ -151,8 +152,14 @@ def test_held_out_splits_that_read_train_data_are_refused(tmp_path):
   assert (len(got['train']), len(got['val']), len(got['test'])) == (48, 10, 2)
 
 
-def test_demo_splits_hold_out_questions(tmp_path):
+def test_demo_splits_hold_out_questions(tmp_path, monkeypatch):
   demo_data.main(['--out', str(tmp_path / 'demo')])  # The files the demo's records are.
+  # An --out under a file: one error line naming the path, as from every jaxft command.
+  (tmp_path / 'afile').write_text('')
+  monkeypatch.setattr(sys, 'argv', ['jaxft.demo_data', '--out', str(tmp_path / 'afile' / 'x')])
+  with pytest.raises(SystemExit, match=rf"^error: \[Errno 20\] Not a directory: "
+                     rf"'{tmp_path}/afile/x'$"):
+    cli.run(demo_data.main)
   written = data.read_records(str(tmp_path / 'demo' / 'val.jsonl'))
   assert [r for r, _ in written] == demo_data.splits(20_000)['val']
   parts = demo_data.splits(3000)

@@ -212,12 +212,15 @@ def test_processes_must_split_the_batch_rows(monkeypatch):
   train.check_batch(split, sharding.make_mesh(split.mesh))
 
 
-def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys):
+def test_init_from_loads_params_with_fresh_optimizer(tmp_path, capsys, monkeypatch):
   src = str(tmp_path / 'src')
-  train.main(small_argv(src, train__steps=4))
+  # Given as ~/src, which no shell expands in --workdir=~/src: the home directory's src.
+  monkeypatch.setenv('HOME', str(tmp_path))
+  train.main(small_argv('~/src', train__steps=4))
+  assert not os.path.exists('~') and os.path.isfile(os.path.join(src, 'summary.json'))
   dst = str(tmp_path / 'dst')
   # lr 0 leaves params untouched: the run's checkpoint must hold exactly the source params.
-  train.main(small_argv(dst, train__steps=1, train__init_from=src, optim__lr=0.0))
+  train.main(small_argv(dst, train__steps=1, train__init_from='~/src', optim__lr=0.0))
   assert (f'init_from {src}/checkpoints/4 (fresh optimizer): loaded 28 params (listed in '
           f'init_from.json); new (freshly initialised): none; not used: none'
           ) in capsys.readouterr().out
