@@ -309,9 +309,14 @@ def import_hf(name, out, tokenizer=None, config=None):
   from jaxft import config as config_lib
   cfg = config_lib.load_file(config or config_lib.COMMON)  # Fails before anything is written.
   check_out(out)
-  if any(os.path.exists(os.path.join(out, f)) for f in ('config.json', 'checkpoints')):
+  ckpts = os.path.join(out, 'checkpoints')
+  if os.path.exists(os.path.join(out, 'config.json')) or (
+      os.path.isdir(ckpts) and ocp.utils.checkpoint_steps(ckpts)):
     raise FileExistsError(f'{out} already holds a jaxft run (config.json or checkpoints/); '
                           f'from-hf writes a new workdir: give another --out')
+  if os.path.isdir(ckpts):  # No finished step, no config.json (written last): an import cut short.
+    print(f'{ckpts}: an unfinished from-hf (no checkpoint, no config.json): written anew')
+    shutil.rmtree(ckpts)
   hf_dir = local_dir(name)
   c, labels = read_hf_config(hf_dir)
   fields = gpt_config_fields(c, labels)

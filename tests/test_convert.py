@@ -255,6 +255,15 @@ def test_imports_refuse_what_would_load_wrong_and_keep_what_is_saved(tmp_path, m
   with pytest.raises(SystemExit, match=r'^error: .*run already holds a jaxft run'):
     cli.run(convert.main)
   assert snapshot(run) == before
+  # An import cut short (killed while orbax wrote step 0; config.json comes last) is begun anew,
+  # but a workdir with a finished checkpoint and no config.json is still refused.
+  cut = tmp_path / 'cut'
+  (cut / 'checkpoints' / '0.orbax-checkpoint-tmp-1765000000').mkdir(parents=True)
+  convert.import_hf(src, str(cut))
+  assert sorted(os.listdir(cut / 'checkpoints')) == ['0'] and (cut / 'config.json').is_file()
+  os.remove(cut / 'config.json')
+  with pytest.raises(FileExistsError, match=r'cut already holds a jaxft run'):
+    convert.import_hf(src, str(cut))
   # A config whose vocab is not its tokenizer's: the padded rows would be masked (or invented).
   wide = hf_dir(tmp_path / 'wide', vocab_size=300)
   with pytest.raises(checkpoint.CheckpointMismatch, match=r'wide/config.json: vocab_size=300 but '
