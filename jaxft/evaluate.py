@@ -201,7 +201,8 @@ def main(argv):
   max_batches = cfg.train.eval_batches if 'train.eval_batches' in dict(overrides) else 0
   metrics = evaluator(params, args.split, max_batches)
   baselines = objectives.baselines(objective, records['train'], records[args.split],
-                                   examples[args.split], tok, cfg.data)
+                                   examples[args.split], tok, cfg.data,
+                                   cfg.train.exact_match_examples)
   split = args.split if not args.objective else f'{args.split}_as_{args.objective}'
   if overrides:  # Other data than the run's: a report of its own, not the run's overwritten.
     split += '_' + hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]

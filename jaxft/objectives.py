@@ -414,11 +414,13 @@ def get(name):
 BASELINE_RECORDS = 20_000  # Train records tokenized for the baselines (the first ones).
 
 
-def baselines(objective, train_records, eval_records, eval_examples, tok, data_cfg):
+def baselines(objective, train_records, eval_records, eval_examples, tok, data_cfg,
+              exact_match_records=0):
   """What a trivial predictor scores on the eval split: the bar a trained model must clear.
 
   next_token / labeled_pair: cross-entropy of train unigram frequencies on the supervised tokens;
-  labeled_pair also: exact match of always answering the most common train completion;
+  labeled_pair also: exact match of always answering the most common train completion, on the
+  records exact match scores (the first `exact_match_records`, train.exact_match_examples; 0: all);
   classification: accuracy of always answering the most common train label. Train statistics
   come from the first BASELINE_RECORDS train records.
   """
@@ -439,5 +441,6 @@ def baselines(objective, train_records, eval_records, eval_examples, tok, data_c
           if c := prompt_completion_ids(rec, where, tok, data_cfg)[1]:
             yield tuple(c)
     best = collections.Counter(completions(train_records)).most_common(1)[0][0]
-    out['constant_exact_match'] = float(np.mean([c == best for c in completions(eval_records)]))
+    scored = eval_records[:exact_match_records] if exact_match_records else eval_records
+    out['constant_exact_match'] = float(np.mean([c == best for c in completions(scored)]))
   return out

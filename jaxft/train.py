@@ -492,7 +492,8 @@ def run(cfg, workdir):
     train_step = built.train_step
     evaluator = evaluate.Evaluator(built.graphdef, objective, examples, records, tok, cfg, mesh)
     baselines = {s: objectives.baselines(objective, records['train'], records[s], examples[s], tok,
-                                         cfg.data) for s in ('val', 'test')}
+                                         cfg.data, T.exact_match_examples)
+                 for s in ('val', 'test')}
     metrics_log = MetricsLog(workdir, step, evaluated_again=step == T.steps)
     progress = Progress(step, T.steps)
     window = {'tokens': 0.0, 'time': time.time()}

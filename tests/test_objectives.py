@@ -229,6 +229,10 @@ def test_constant_answer_baseline_scores_the_examples_exact_match_scores():
   assert len(scored['reference']) == 2
   got = objectives.baselines(lp, train, evals, lp.encode(evals, TOK, cfg), TOK, cfg)
   assert got['constant_exact_match'] == 0.5
+  # On the first train.exact_match_examples records only, as exact match: '7' of '7' and '8'.
+  two = recs(*[{'prompt': 'q', 'completion': c} for c in '78'])
+  assert objectives.baselines(lp, train, two, lp.encode(two, TOK, cfg), TOK, cfg,
+                              exact_match_records=1)['constant_exact_match'] == 1.0
 
 
 def test_greedy_matches_stepwise_argmax_and_exact_match_counts():
