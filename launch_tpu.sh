@@ -151,6 +151,7 @@ else
   archive=$(mktemp -d)/jaxft.tar.gz
   git -C "$here" archive --format=tar.gz -o "$archive" "$ref"
   gcloud_ compute tpus tpu-vm scp "$archive" "$name:jaxft.tar.gz" "${common[@]}" --worker=all
+  rm -rf "$(dirname "$archive")"
   on_workers "rm -rf jaxft && mkdir jaxft && tar -xzf jaxft.tar.gz -C jaxft && $keep_runs"
 fi
 # jax >= 0.7 needs Python >= 3.11, and the TPU runtimes' Ubuntu 22.04 has 3.10 (and no venv

@@ -65,10 +65,14 @@ def test_single_host_v4_8(fake_gcloud):
   assert len(calls) == 5
 
 
-def test_multi_host_v4_32_queued_spot_scp(fake_gcloud):
+def test_multi_host_v4_32_queued_spot_scp(fake_gcloud, tmp_path):
+  tmp = tmp_path / 'tmp'
+  tmp.mkdir()
   run, calls = fake_gcloud('--name', 'pod', '--zone', 'us-central2-b', '--accelerator', 'v4-32',
-                           '--project', 'proj', '--spot', '--queued', '--ship', 'scp', '--', *TRAIN)
+                           '--project', 'proj', '--spot', '--queued', '--ship', 'scp', '--', *TRAIN,
+                           TMPDIR=str(tmp))
   assert run.returncode == 0, run.stderr
+  assert calls[2][4].startswith(f'{tmp}/') and not os.listdir(tmp)  # The archive, gone once sent.
   common = ['--zone=us-central2-b', '--project=proj']
   assert calls[0] == ['compute', 'tpus', 'queued-resources', 'create', 'pod', '--node-id=pod',
                       *common, '--accelerator-type=v4-32', '--runtime-version=tpu-ubuntu2204-base',
