@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.model.attention = 'auto'  # 'einsum' (explicit softmax), 'causal_blocks' (skips the masked
   # upper triangle: faster on CPU), 'dot_product' (jax.nn.dot_product_attention: cuDNN flash
   # attention on GPU in bfloat16; no attention dropout) or 'auto': causal_blocks on CPU,
-  # dot_product on GPU in bf16 without dropout, einsum otherwise.
+  # dot_product on GPU in bf16 without dropout (head dim a multiple of 8, <= 128), einsum otherwise.
   c.model.attention_block = 64  # causal_blocks: queries per block; a seq_len that is not a
   # multiple of it (or not above it) gets one block, i.e. einsum.
   c.model.remat = 'none'  # Recompute activations in backward: a jax.checkpoint_policies name, e.g.

@@ -105,6 +105,45 @@ def flops_per_token(model_cfg, n_matmul_params, seq_len):
                  f'= {flops / 1e6:,.1f} MFLOP per token')
 
 
+# The parts of a block in forward order (param paths 'h/<layer>/<part>...'), the attention core
+# (no params) between the qkv projection and the output projection.
+BLOCK_PARTS = ('ln_1', 'attn/c_attn', 'attn/core', 'attn/c_proj', 'ln_2', 'mlp/c_fc', 'mlp/c_proj')
+
+
+def forward_position(path):
+  """Where a param acts in the forward pass, as a sortable key: the embeddings (0,), block parts
+  (1, layer, part), ln_f (2,), the output layer (wte as the LM head, or score) (3,)."""
+  if path in ('wte', 'wpe'):
+    return (0,)
+  if path.startswith('h/'):
+    _, layer, part = path.split('/', 2)
+    return (1, int(layer), next(i for i, p in enumerate(BLOCK_PARTS) if part.startswith(p)))
+  return (2,) if path.startswith('ln_f') else (3,)
+
+
+def frozen_flops_per_token(model_cfg, param_sizes, trainable, has_head, seq_len, spec):
+  """flops_per_token when only some params train (train.trainable): every matmul runs forward
+  (2 FLOPs per param), its weight gradient only for a trained param (2), its input gradient only
+  above the lowest trained param (2): frozen params are stop_gradient'ed, so the backward ends
+  there. The attention core: 4LHQT forward, 8HQT backward for each layer above that param."""
+  L, H, Q, T = model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim, seq_len
+  lowest = min((forward_position(p) for p in param_sizes if trainable(p)), default=(9,))
+  lookups = {'wpe'} | ({'wte'} if has_head else set())  # wte is a matmul as the LM head only.
+  n = n_trained = n_below = 0
+  for path, size in param_sizes.items():
+    if path in lookups:
+      continue
+    n += size
+    n_trained += size if trainable(path) else 0
+    n_below += size if lowest < ((3,) if path == 'wte' else forward_position(path)) else 0
+  l_back = sum(lowest < (1, i, BLOCK_PARTS.index('attn/core')) for i in range(L))
+  flops = 2 * (n + n_trained + n_below) + (4 * L + 8 * l_back) * H * Q * T
+  return flops, (f'2N + 2N_trained + 2N_backward + (4L + 8L_backward)HQT (train.trainable='
+                 f'{spec!r}: no weight gradient for frozen params, no backward below the lowest '
+                 f'trained one) = 2*{n:,} + 2*{n_trained:,} + 2*{n_below:,} + (4*{L} + '
+                 f'8*{l_back})*{H}*{Q}*{T} = {flops / 1e6:,.1f} MFLOP per token')
+
+
 def best_seconds(fn, repeats=5):
   """The fastest of `repeats` timed calls of fn() (blocking), after one untimed call."""
   fn()
@@ -123,15 +162,19 @@ def matmul_probe(dtype, n=2048):
   return 2 * n ** 3 / best_seconds(lambda: jax.block_until_ready(mm(a, a)))
 
 
-def device_peak(dtype):
-  """(peak FLOP/s, where the figure comes from) for the first device and compute dtype."""
+def device_peak(dtype, devices=1):
+  """(peak FLOP/s, where the figure comes from) of `devices` chips like the first device, in the
+  compute dtype: tokens/s is the whole mesh's, so is the peak it is set against."""
   kind = jax.devices()[0].device_kind
   known = [k for k in DATASHEET_PEAK if k in kind]
   if known:
-    peak = DATASHEET_PEAK[max(known, key=len)]
-    return (peak if dtype == 'bfloat16' else peak / 2), f'datasheet ({kind}, {dtype})'
-  # CPUs (and chips not in the table): measured, all cores of this process.
-  return matmul_probe(jnp.dtype(dtype)), f'matmul probe ({kind}, {dtype}, 2048^3)'
+    peak = DATASHEET_PEAK[max(known, key=len)] * (1 if dtype == 'bfloat16' else 0.5)
+    return peak * devices, f'datasheet ({kind}, {dtype})' + (f' x {devices}' if devices > 1 else '')
+  # CPUs (and chips not in the table): measured on the first device; a CPU's is all cores of
+  # this process, which its devices share (one figure for the whole mesh).
+  chips = 1 if jax.devices()[0].platform == 'cpu' else devices
+  return matmul_probe(jnp.dtype(dtype)) * chips, (f'matmul probe ({kind}, {dtype}, 2048^3)'
+                                                  + (f' x {chips}' if chips > 1 else ''))
 
 
 def synthetic_batch(objective, tok, data_cfg, batch_size):
@@ -142,9 +185,12 @@ def synthetic_batch(objective, tok, data_cfg, batch_size):
   records = []
   for i in range(batch_size):
     text = ''.join(chr(c) for c in rng.integers(ord('a'), ord('z') + 1, T))
-    records.append(({data_cfg.text_field: text, data_cfg.prompt_field: text[:T // 2],
-                     data_cfg.completion_field: text[T // 2:], data_cfg.label_field: 0},
-                    f'bench:{i}'))
+    # Only the fields the objective reads: a text_field that is also the prompt_field (the demo's
+    # classification reads 'prompt') would otherwise hold half a row.
+    record = ({data_cfg.prompt_field: text[:T // 2], data_cfg.completion_field: text[T // 2:]}
+              if objective.name == 'labeled_pair' else
+              {data_cfg.text_field: text, data_cfg.label_field: 0})
+    records.append((record, f'bench:{i}'))
   return {k: v[:batch_size] for k, v in objective.encode(records, tok, data_cfg).items()}
 
 
@@ -155,10 +201,10 @@ def progress(what):
 
 
 def jax_trainer(cfg, allocate=True, target=None):
-  """(model config, matmul params, step() running one blocking train step, compile report). The
-  step is compiled against the abstract state, so `allocate=False` plans a config's memory
-  without holding it (step is then None), and a `target` (see target_devices) plans it for
-  another chip's compiler."""
+  """(model config, (FLOPs per token, formula), step() running one blocking train step, compile
+  report). The step is compiled against the abstract state, so `allocate=False` plans a config's
+  memory without holding it (step is then None), and a `target` (see target_devices) plans it
+  for another chip's compiler."""
   if target and cfg.optim.offload:
     raise config_lib.ConfigError(
         'optim.offload with --target: a compile-only target has no host memory, so its plan '
@@ -170,6 +216,10 @@ def jax_trainer(cfg, allocate=True, target=None):
   built = train.setup(cfg, tok, objective, mesh)
   unused = {'wpe'} | ({'wte'} if objective.has_head else set())  # Lookups, not matmuls.
   n_matmul = sum(n for k, n in built.param_sizes.items() if k not in unused)
+  counted = (flops_per_token(built.model_cfg, n_matmul, cfg.data.seq_len)
+             if built.trainable is None else frozen_flops_per_token(
+                 built.model_cfg, built.param_sizes, built.trainable, objective.has_head,
+                 cfg.data.seq_len, cfg.train.trainable))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           built.abstract, built.shardings)
   batch = synthetic_batch(objective, tok, cfg.data, cfg.train.batch_size)
@@ -187,7 +237,7 @@ def jax_trainer(cfg, allocate=True, target=None):
     if not (target and 'RESOURCE_EXHAUSTED' in str(e)):
       raise
     # The TPU compiler refuses a program that exceeds HBM: that is the answer to "will it fit".
-    return built.model_cfg, n_matmul, None, {**report, **memory_report(None, built.abstract),
+    return built.model_cfg, counted, None, {**report, **memory_report(None, built.abstract),
                                              'device_bytes_limit': limit, 'fits': False,
                                              'compile_error': str(e).splitlines()[0][:300]}
   report['compile_s'] = round(time.perf_counter() - t0, 2)
@@ -203,7 +253,7 @@ def jax_trainer(cfg, allocate=True, target=None):
     report['init_fits'] = report['init_memory_bytes'] <= report['device_bytes_limit']
   progress(f"init compiled in {report['init_compile_s']} s")
   if not allocate:
-    return built.model_cfg, n_matmul, None, report
+    return built.model_cfg, counted, None, report
   t0 = time.perf_counter()
   state = [jax.block_until_ready(built.init_fn(init))]
   report['init_s'] = round(time.perf_counter() - t0, 2)
@@ -213,7 +263,7 @@ def jax_trainer(cfg, allocate=True, target=None):
     state[0], metrics = compiled(state[0], batch)
     return float(metrics['loss'])  # Blocks until the step has run.
 
-  return built.model_cfg, n_matmul, step, report
+  return built.model_cfg, counted, step, report
 
 
 def plan_bytes(mem):
@@ -258,7 +308,7 @@ def host_cpu():
 
 def torch_trainer(cfg, model_cfg, has_head):
   """step() running one blocking train step of transformers' GPT-2 of the same shape with torch
-  AdamW (same hyperparameters, clipping, dtype and batch of random tokens)."""
+  AdamW (same hyperparameters, clipping, dtype, batch of random tokens and micro-batches)."""
   import torch
   import transformers
   hf_cfg = transformers.GPT2Config(
@@ -279,15 +329,20 @@ def torch_trainer(cfg, model_cfg, has_head):
   labels = torch.zeros(B, dtype=torch.long) if has_head else tokens
   bf16 = model_cfg.dtype == 'bfloat16'
 
+  k = cfg.train.grad_accum  # Strided micro-batches of B/k rows, as jaxft's step takes them.
+
   def step():
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-      loss = model(input_ids=tokens, labels=labels).loss
-    loss.backward()
+    total = 0.0
+    for i in range(k):
+      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=tokens[i::k], labels=labels[i::k]).loss / k
+      loss.backward()
+      total += float(loss.detach())
     if o.clip_norm:
       torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return total
 
   return step, {'torch': torch.__version__, 'transformers': transformers.__version__,
                 'torch_threads': torch.get_num_threads(),
@@ -315,8 +370,18 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False, 
   the compile time and memory plan alone, nothing allocated (configs too big for this machine),
   for this machine's devices or a `target`'s."""
   compile_only = compile_only or bool(target)  # A target's step can only be planned.
+  if compare_hf and jax.default_backend() != 'cpu':
+    # torch_trainer runs torch on the CPU: against jaxft on a GPU that is no comparison.
+    raise config_lib.ConfigError(
+        f'--compare-hf runs transformers + torch on the CPU; jaxft runs on '
+        f'{jax.default_backend()} here: compare on a CPU (JAX_PLATFORMS=cpu)')
+  if compare_hf and cfg.train.trainable != 'all':
+    # torch's step would train every param and run the whole backward: another workload.
+    raise config_lib.ConfigError(
+        f'--compare-hf trains all of the HF model; train.trainable={cfg.train.trainable!r} '
+        f'freezes params whose gradients jaxft then skips: compare with train.trainable=all')
   objective = objectives.get(cfg.objective)
-  model_cfg, n_matmul, jax_step, report = jax_trainer(cfg, not compile_only, target)
+  model_cfg, (flops, formula), jax_step, report = jax_trainer(cfg, not compile_only, target)
   B, T = cfg.train.batch_size, cfg.data.seq_len
   result = {
       **({'host_cpu': host_cpu()} if report['platform'] == 'cpu' else {}),
@@ -325,8 +390,7 @@ def bench(cfg, steps, warmup=2, compare_hf=False, rounds=3, compile_only=False, 
       'offload': cfg.optim.offload, **report}
   if compile_only:
     return result
-  flops, formula = flops_per_token(model_cfg, n_matmul, T)
-  peak, peak_source = device_peak(model_cfg.dtype)
+  peak, peak_source = device_peak(model_cfg.dtype, report['devices'])
   steppers = {'jaxft': jax_step}
   if compare_hf:
     steppers['hf_torch'], result['hf_versions'] = torch_trainer(cfg, model_cfg,
@@ -420,6 +484,9 @@ def describe(r):
                  f"median (p10 {s['step_s_p10']:.4f}, p90 {s['step_s_p90']:.4f}, "
                  f"{r['steps']} steps)  MFU {s['mfu']:.1%}  "
                  f"{s['host_page_faults_per_step']:,} page faults/step")
+  if 'hf_torch' in r and (r['moments_dtype'] != 'float32' or r['offload']):
+    lines.append(f"note: hf+torch keeps float32 AdamW moments on the device, jaxft "
+                 f"{r['moments_dtype']} ones{', offloaded' if r['offload'] else ''}")
   if 'jaxft_vs_hf' in r:
     lines.append(f"jaxft / hf+torch tokens/s: {r['jaxft_vs_hf']:.3f}x; torch's own matmul peak "
                  f"{r['hf_versions']['torch_matmul_peak_flops'] / 1e12:.3f} TFLOP/s, of which "
@@ -491,7 +558,7 @@ def main(argv):
   opts = {'steps': 20, 'warmup': 2, 'batch': 1, 'prompt-len': 64, 'new': 64, 'json': '',
           'target': ''}
   flags = {'decode': False, 'compare-hf': False, 'no-input': False, 'compile-only': False}
-  rest = []
+  rest, given = [], set()
   for a in config_lib.equals_form(argv):
     name, _, value = a[2:].partition('=')
     if a[2:] in flags:
@@ -499,6 +566,7 @@ def main(argv):
     elif name in opts and name in ('json', 'target'):
       opts[name] = value
     elif name in opts:
+      given.add(name)
       if not value.isdigit():
         raise config_lib.ConfigError(f'--{name}: expected a whole number, got {value!r}')
       opts[name] = int(value)
@@ -506,7 +574,22 @@ def main(argv):
       rest.append(a)
   if opts['steps'] < 1:
     raise config_lib.ConfigError('--steps: at least 1 step is timed')
+  decode_only = sorted(given & {'batch', 'prompt-len', 'new'})
+  if decode_only and not flags['decode']:
+    # A train-step run would ignore them: --batch=8 is not the batch it times.
+    raise config_lib.ConfigError(
+        f"{', '.join('--' + n for n in decode_only)}: --decode's; the train step's batch is "
+        f"--config.train.batch_size")
+  if flags['compare-hf'] and (flags['compile-only'] or opts['target'] or flags['decode']):
+    # Each of those times no train step: the comparison would be dropped without a word.
+    raise config_lib.ConfigError('--compare-hf times train steps; --compile-only, --target and '
+                                 '--decode run none')
   cfg, _ = config_lib.parse_args(rest, usage=__doc__.split('\n\n')[1].strip())
+  out = epath.Path(opts['json']) if opts['json'] else None
+  if out:  # Before the run, not after minutes of it: a missing folder is made, a bad path named.
+    if out.is_dir():
+      raise IsADirectoryError(f'--json={out} is a directory; give a file name')
+    out.parent.mkdir(parents=True, exist_ok=True)
   if opts['target']:
     # This process compiles for the target and runs nothing: its own backend stays the CPU,
     # which also keeps the plugins that the target needs from looking for their devices here.
@@ -528,9 +611,9 @@ def main(argv):
       # (records tokenized and packed on the fly, as in training).
       result['input_vs_train'] = round(result['input']['batches_per_s'] * result['step_s_median'],
                                        1)
-  if opts['json']:
-    epath.Path(opts['json']).write_text(json.dumps(result, indent=1))
-  print(json.dumps(result))
+  print(json.dumps(result), flush=True)  # First: a file that cannot be written loses nothing.
+  if out:
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == '__main__':

@@ -88,11 +88,20 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
   attention = switch('attention')
   # cuDNN's flash kernel: on GPU in bf16/fp16; jax.nn.dot_product_attention falls back to XLA's.
   flash = platform == 'gpu' and model_cfg.dtype != 'float32'
+  # Its head dims: multiples of 8 up to 128 (256 from Hopper on); others raised
+  # NotImplementedError inside the traced step.
+  head_dim = embed // heads
   if attention not in ATTENTION:
     raise ConfigError(f'unknown model.attention {attention!r}; known: {", ".join(ATTENTION)}')
   if attention == 'auto':  # The fastest exact one for the platform (README, Benchmark).
+    fits_flash = head_dim % 8 == 0 and head_dim <= 128
     attention = ('causal_blocks' if platform == 'cpu' else
-                 'dot_product' if flash and not model_cfg.dropout else 'einsum')
+                 'dot_product' if flash and fits_flash and not model_cfg.dropout else 'einsum')
+  if attention == 'dot_product' and flash and (head_dim % 8 or head_dim > 256):
+    raise ConfigError(f"model.attention='dot_product' is cuDNN's flash attention on GPU in "
+                      f"{model_cfg.dtype}, which takes head dims that are multiples of 8 up to "
+                      f"128 (256 on Hopper); model.embed_dim / model.num_heads = {head_dim}: "
+                      f"use model.attention='einsum' (or 'auto')")
   if attention == 'dot_product' and model_cfg.dropout:
     raise ConfigError("model.attention='dot_product' has no dropout on attention probabilities; "
                       "set model.dropout=0 or model.attention='einsum'")
@@ -106,9 +115,13 @@ def config_from(model_cfg, tokenizer_vocab_size, num_labels=0, platform=None):
     raise ConfigError(f'unknown model.logits_dtype {logits_dtype!r}; known: '
                       f'{", ".join(LOGITS_DTYPES)}')
   remat = switch('remat')
-  if remat != 'none' and not hasattr(jax.checkpoint_policies, remat):
+  # The policies themselves; the module's other names (save_only_these_names, ...) make one from
+  # arguments a config string cannot give, and failed inside the traced step.
+  policies = [p for p in dir(jax.checkpoint_policies)
+              if p.endswith('saveable') or p.startswith('checkpoint_dots')]
+  if remat != 'none' and remat not in policies:
     raise ConfigError(f'unknown model.remat {remat!r}; known: none, ' + ', '.join(
-        p for p in dir(jax.checkpoint_policies) if p.endswith('saveable')))
+        p for p in policies if p.endswith('saveable')))
   return GPTConfig(vocab_size=vocab, tokenizer_vocab=tokenizer_vocab_size, num_layers=layers,
                    num_heads=heads, embed_dim=embed,
                    mlp_dim=model_cfg.mlp_dim or 4 * embed, max_len=model_cfg.max_len or max_len,

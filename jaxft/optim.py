@@ -223,7 +223,10 @@ def trainable_fn(spec):
 
 def build(optim_cfg, steps, trainable=None):
   """(optax transformation, learning-rate schedule); `trainable(path)` picks what is updated."""
-  no_decay = re.compile(optim_cfg.no_decay) if optim_cfg.no_decay else None
+  try:
+    no_decay = re.compile(optim_cfg.no_decay) if optim_cfg.no_decay else None
+  except re.error as e:  # (Else a traceback, not the one-line error a bad config gets.)
+    raise ConfigError(f'optim.no_decay={optim_cfg.no_decay!r} is not a regex: {e}') from None
   decay_mask = lambda params: model.map_with_path(
       lambda path, _: not (no_decay and no_decay.search(path)), params)
   lr = schedule(optim_cfg, steps)

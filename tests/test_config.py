@@ -43,6 +43,35 @@ def test_bench_flags_take_both_forms_and_name_a_bad_number():
     bench.main(['--config=configs/demo.py', '--steps', 'five'])
   with pytest.raises(config_lib.ConfigError, match=r"--warmup: expected a whole number, got ''"):
     bench.main(['--config=configs/demo.py', '--warmup='])
+  with pytest.raises(config_lib.ConfigError, match=r"--batch, --new: --decode's; the train "
+                     r"step's batch is --config\.train\.batch_size"):
+    bench.main(['--config=configs/demo.py', '--batch=8', '--new', '4'])
+  for other in ('--compile-only', '--target=h100', '--decode'):
+    with pytest.raises(config_lib.ConfigError, match=r'--compare-hf times train steps; '
+                       r'--compile-only, --target and --decode run none'):
+      bench.main(['--config=configs/demo.py', '--compare-hf', other])
+
+
+def test_bench_json_path_is_checked_before_the_run(tmp_path, capsys, monkeypatch):
+  """--json: missing folders are made, and a path that cannot be a file fails before anything is
+  compiled (it used to fail after the whole run, losing the printed JSON line too)."""
+  from conftest import SMALL
+  from jaxft import bench, train
+  argv = ['--config=configs/demo.py', '--compile-only'] + \
+      [f'--config.{k}={v}' for k, v in SMALL.items()]
+  setup = train.setup
+  monkeypatch.setattr(train, 'setup', lambda *a: pytest.fail('ran before checking --json'))
+  (tmp_path / 'file').write_text('')
+  with pytest.raises((FileExistsError, NotADirectoryError)):
+    bench.main(argv + [f'--json={tmp_path}/file/out.json'])
+  with pytest.raises(IsADirectoryError, match=r'--json=.* is a directory; give a file name'):
+    bench.main(argv + [f'--json={tmp_path}'])
+  monkeypatch.setattr(train, 'setup', setup)
+  out = tmp_path / 'a' / 'b' / 'plan.json'
+  bench.main(argv + [f'--json={out}'])
+  printed = capsys.readouterr().out.splitlines()[-1]
+  assert json.loads(out.read_text()) == json.loads(printed)
+  assert json.loads(printed)['step_memory_bytes'] > 0
 
 
 def test_variant_and_default_workdir():

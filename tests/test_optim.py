@@ -63,6 +63,13 @@ def moments(opt_state):
   return {k: optax.tree.get(opt_state, k) for k in ('mu', 'nu')}
 
 
+def test_bad_no_decay_regex_is_named():
+  """A no_decay that is not a regex is a config error naming the key (it was a re.error
+  traceback)."""
+  with pytest.raises(ConfigError, match=r"optim\.no_decay='\(bias' is not a regex: missing \)"):
+    optim.build(small_config(optim__no_decay='(bias').optim, 10)
+
+
 def test_bf16_moments_halve_optimizer_memory_and_track_fp32():
   """optim.moments_dtype='bfloat16' stores mu and nu in bf16 (still so after updates), in half the
   bytes, with fp32 params, and 5 steps give the fp32 run's losses to 0.1%."""

@@ -19,8 +19,9 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
-from conftest import DEFAULT_CODEGEN, SMALL, small_config, xla_flags
-from jaxft import bench, data, model as model_lib, objectives, sharding, tokenizer, train
+from conftest import DEFAULT_CODEGEN, ROOT, SMALL, small_config, xla_flags
+from jaxft import bench, config as config_lib, data, model as model_lib, objectives, sharding, \
+    tokenizer, train
 from jaxft.config import ConfigError
 
 STEPS = 5
@@ -337,14 +338,25 @@ def test_grad_barrier_adds_no_communication():
     (dict(model__logits_dtype='bf16'), r"unknown model\.logits_dtype 'bf16'; known: ",
      model_lib.LOGITS_DTYPES),
     (dict(model__dropout=1.0), r'model\.dropout=1\.0 must be in \[0, 1\)', ()),
+    # A policy factory, not a policy: it used to fail inside the traced step ("got an
+    # unexpected keyword argument 'axes'").
+    (dict(model__remat='save_only_these_names'),
+     r"unknown model\.remat 'save_only_these_names'; known: none, ", ('nothing_saveable',)),
 ], ids=['attention', 'remat', 'dot_product+dropout', 'logsumexp', 'dtype', 'logits_dtype',
-        'dropout'])
+        'dropout', 'remat_factory'])
 def test_bad_switch_values_are_named(overrides, message, known):
   """A bad switch value fails when the model config is built, naming the key and the choices."""
   with pytest.raises(ConfigError, match=message) as error:
     model_lib.config_from(small_config(**overrides).model, 258)
   for value in known:
     assert value in str(error.value)
+
+
+def test_remat_takes_every_policy_of_jax_checkpoint_policies():
+  """model.remat accepts each policy (and checkpoint_dots, dots_saveable's alias) by name."""
+  for policy in ('nothing_saveable', 'everything_saveable', 'dots_saveable', 'checkpoint_dots',
+                 'dots_with_no_batch_dims_saveable', 'checkpoint_dots_with_no_batch_dims'):
+    assert model_lib.config_from(small_config(model__remat=policy).model, 258).remat == policy
 
 
 def test_flops_per_token_gpt2_124m():
@@ -357,6 +369,140 @@ def test_flops_per_token_gpt2_124m():
   flops, formula = bench.flops_per_token(gpt2, n, 1024)
   assert flops == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024 == 855_166_464
   assert formula.startswith('6N + 12LHQT = 6*123,653,376 + 12*12*12*64*1024 = 855.2 MFLOP')
+
+
+def test_flops_per_token_counts_what_a_frozen_backbone_computes():
+  """With train.trainable freezing params, MFU's FLOPs are what the step computes: forward for
+  every matmul, weight gradients for trained params only, input gradients (and the attention
+  core's backward) only above the lowest trained param. Everything trained: 6N + 12LHQT."""
+  cfg = small_config(objective='classification')
+  mesh, objective, built = parts(cfg, jax.devices()[:1])
+  sizes, m = built.param_sizes, built.model_cfg
+  L, H, Q, T = m.num_layers, m.num_heads, m.head_dim, 32
+  n = sum(v for k, v in sizes.items() if k not in ('wte', 'wpe'))  # Classification: no LM head.
+  count = lambda trainable, spec: bench.frozen_flops_per_token(m, sizes, trainable, True, T, spec)
+
+  flops, formula = count(train.trainable_fn(small_config(objective='classification',
+                                                         train__trainable='head'), objective),
+                         'head')
+  assert flops == 2 * n + 2 * sizes['score'] + 4 * L * H * Q * T  # Forward only, but the head.
+  assert formula.startswith("2N + 2N_trained + 2N_backward + (4L + 8L_backward)HQT "
+                            "(train.trainable='head'")
+  assert f'= 2*{n:,} + 2*{sizes["score"]:,} + 2*0 + (4*2 + 8*0)*4*8*32 = ' in formula
+
+  layer1 = sum(v for k, v in sizes.items() if k.startswith('h/1/'))
+  ln_1 = sizes['h/1/ln_1/scale'] + sizes['h/1/ln_1/bias']
+  above = layer1 - ln_1 + sizes['ln_f/scale'] + sizes['ln_f/bias'] + sizes['score']
+  assert count(lambda p: p.startswith('h/1/'), 'h/1/')[0] == (
+      2 * n + 2 * layer1 + 2 * above + (4 * L + 8 * 1) * H * Q * T)
+  assert count(lambda p: True, '.')[0] == bench.flops_per_token(m, n, T)[0] == (
+      6 * n + 12 * L * H * Q * T)
+
+
+@pytest.mark.parametrize('spec', ['all', 'head', 'h/1/|score', 'h/0/mlp'])
+def test_frozen_flops_per_token_matches_xlas_count_of_the_step(spec):
+  """The FLOPs counted per token are those of the compiled step by XLA's own cost analysis
+  (plus its elementwise work and AdamW's: 1.2-3.1% more at the demo's classification
+  config), whatever train.trainable freezes; 6N + 12LHQT was 3x a head-only step's."""
+  cfg = config_lib.load_file(os.path.join(ROOT, 'configs', 'demo.py') + ':classification')
+  for k, v in {'train.trainable': spec, 'model.attention': 'einsum',
+               'reuse_host_memory': 'False'}.items():
+    config_lib.override(cfg, k, v)
+  mesh, objective, built = parts(cfg, jax.devices()[:1])
+  tok = tokenizer.build(cfg.tokenizer)
+  B, T = cfg.train.batch_size, cfg.data.seq_len  # 32 x 16: AdamW's per-step work is ~1% of it.
+  batch = sharding.shard_batch(bench.synthetic_batch(objective, tok, cfg.data, B), mesh)
+  xla = built.train_step.lower(built.abstract, batch).compile().cost_analysis()['flops']
+  if built.trainable is None:
+    n = sum(v for k, v in built.param_sizes.items() if k not in ('wte', 'wpe'))
+    ours = bench.flops_per_token(built.model_cfg, n, T)[0]
+  else:
+    ours = bench.frozen_flops_per_token(built.model_cfg, built.param_sizes, built.trainable, True,
+                                        T, spec)[0]
+  print(f'{spec}: XLA {xla / (B * T):,.0f} FLOPs per token, counted {ours:,}')
+  assert 1.0 <= xla / (B * T) / ours <= 1.05
+
+
+def test_bench_frozen_backbone_mfu_and_compare_hf(tmp_path, capsys, root, monkeypatch):
+  """jaxft.bench with a frozen backbone reports the frozen count (the 6N one put a CPU's MFU of
+  a head-only step above 100%); --compare-hf refuses it, since torch would train everything,
+  and refuses a jaxft on another backend than torch's CPU."""
+  argv = [f'--config={os.path.join(root, "configs", "demo.py")}:classification'] + \
+      [f'--config.{k}={v}' for k, v in SMALL.items()] + ['--config.train.trainable=head']
+  with pytest.raises(ConfigError, match=r"--compare-hf trains all of the HF model; "
+                     r"train.trainable='head' freezes params"):
+    bench.bench(small_config(objective='classification', train__trainable='head'), 1,
+                compare_hf=True)
+  with monkeypatch.context() as m:  # torch runs on the CPU: jaxft on a GPU is refused too.
+    m.setattr(jax, 'default_backend', lambda: 'gpu')
+    with pytest.raises(ConfigError, match=r'--compare-hf runs transformers \+ torch on the CPU; '
+                       r'jaxft runs on gpu here'):
+      bench.bench(small_config(), 1, compare_hf=True)
+  out = tmp_path / 'frozen.json'
+  bench.main(argv + ['--steps=1', '--warmup=0', '--no-input', f'--json={out}'])
+  r = json.loads(out.read_text())
+  cfg = small_config(objective='classification', train__trainable='head')
+  _, objective, built = parts(cfg, jax.devices())
+  expected = bench.frozen_flops_per_token(built.model_cfg, built.param_sizes, built.trainable,
+                                          True, 32, 'head')
+  assert (r['flops_per_token'], r['mfu_formula']) == expected
+  n = sum(v for k, v in built.param_sizes.items() if k not in ('wte', 'wpe'))
+  assert r['flops_per_token'] == 2 * n + 2 * built.param_sizes['score'] + 4 * 2 * 4 * 8 * 32
+  assert r['mfu'] == pytest.approx(r['tokens_per_s'] * r['flops_per_token'] / r['peak_flops'],
+                                   abs=6e-5)
+  assert f"MFU formula: {r['mfu_formula']}" in capsys.readouterr().out
+
+
+def test_compare_hf_torch_step_takes_the_same_micro_batches(monkeypatch):
+  """--compare-hf with train.grad_accum=k: torch's step runs k micro-batches of B/k rows before
+  one AdamW update, as jaxft's does, for the loss of the whole batch."""
+  import transformers
+  seen = []
+  forward = transformers.GPT2LMHeadModel.forward
+
+  def counting(self, input_ids=None, **kwargs):
+    seen.append(input_ids.shape)
+    return forward(self, input_ids=input_ids, **kwargs)
+  monkeypatch.setattr(transformers.GPT2LMHeadModel, 'forward', counting)
+  losses = {}
+  for k in (1, 4):
+    cfg = small_config(train__grad_accum=k)
+    model_cfg = objectives.model_config(cfg, tokenizer.build(cfg.tokenizer))
+    step, _ = bench.torch_trainer(cfg, model_cfg, False)
+    seen.clear()
+    losses[k] = step()
+    assert seen == [(16 // k, 32)] * k
+  assert losses[4] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_mfu_peak_is_the_whole_meshs(monkeypatch):
+  """tokens/s counts every device's tokens, so MFU's peak is the datasheet's per chip times the
+  mesh's chips (8 H100s: 8 x 989 TFLOP/s, it was one chip's); a CPU's probe already covers the
+  cores its devices share."""
+  chip = lambda platform, kind: type('Device', (), {'platform': platform, 'device_kind': kind})()
+  monkeypatch.setattr(jax, 'devices', lambda: [chip('gpu', 'NVIDIA H100 80GB HBM3')])
+  assert bench.device_peak('bfloat16', 8) == (8 * 989e12, 'datasheet (NVIDIA H100 80GB HBM3, '
+                                              'bfloat16) x 8')
+  assert bench.device_peak('float32', 1) == (989e12 / 2, 'datasheet (NVIDIA H100 80GB HBM3, '
+                                             'float32)')
+  monkeypatch.setattr(bench, 'matmul_probe', lambda dtype: 1e11)
+  monkeypatch.setattr(jax, 'devices', lambda: [chip('cpu', 'cpu')])
+  assert bench.device_peak('float32', 8) == (1e11, 'matmul probe (cpu, float32, 2048^3)')
+  monkeypatch.setattr(jax, 'devices', lambda: [chip('gpu', 'NVIDIA B200')])  # Not in the table.
+  assert bench.device_peak('bfloat16', 2)[0] == 2e11
+
+
+@pytest.mark.parametrize('objective', ['next_token', 'labeled_pair', 'classification'])
+def test_bench_batch_rows_are_full_for_each_objective(objective):
+  """bench's batch is full rows for every objective, also where the text field is the prompt
+  field (the demo's classification reads 'prompt': its rows were half padding)."""
+  cfg = config_lib.load_file(os.path.join(ROOT, 'configs', 'demo.py') + f':{objective}')
+  b = bench.synthetic_batch(objectives.get(objective), tokenizer.build(cfg.tokenizer), cfg.data,
+                            cfg.train.batch_size)
+  assert b['segment_ids'].shape == (cfg.train.batch_size, cfg.data.seq_len)
+  assert (b['segment_ids'] > 0).all()
+  if objective == 'labeled_pair':  # The completion, half of each row, carries the loss.
+    assert abs(b['loss_mask'].sum(1) - cfg.data.seq_len / 2).max() <= 2
 
 
 def test_bench_main_compare_hf(tmp_path, capsys, root):
@@ -474,6 +620,26 @@ def test_attention_auto_and_flash_follow_the_platform_the_model_runs_on():
   assert [resolve(p).logsumexp for p in ('cpu', 'gpu', 'tpu')] == ['two_pass', 'one_pass',
                                                                     'two_pass']
   assert resolve('gpu', model__logsumexp='two_pass').logsumexp == 'two_pass'
+
+
+def test_auto_attention_picks_cudnn_flash_only_for_head_dims_it_takes():
+  """cuDNN's flash kernel takes head dims that are multiples of 8 up to 128 (256 on Hopper):
+  'auto' on GPU in bf16 picks XLA's einsum for others (it picked cuDNN, whose NotImplementedError
+  then came from inside the traced step), and an explicit 'dot_product' is refused, naming why."""
+  resolve = lambda **o: model_lib.config_from(small_config(model__dtype='bfloat16', **o).model,
+                                              258, platform='gpu')
+  for embed, heads, pick in ((144, 4, 'einsum'), (1024, 4, 'einsum'), (1024, 8, 'dot_product'),
+                             (120, 3, 'dot_product')):  # Head dims 36, 256, 128, 40.
+    c = resolve(model__embed_dim=embed, model__num_heads=heads)
+    assert (c.attention, c.flash) == (pick, pick == 'dot_product')
+  assert resolve(model__attention='dot_product', model__embed_dim=1024, model__num_heads=4).flash
+  with pytest.raises(ConfigError, match=r"model\.attention='dot_product' is cuDNN's flash "
+                     r".*model\.embed_dim / model\.num_heads = 36: use model\.attention='einsum'"):
+    resolve(model__attention='dot_product', model__embed_dim=144, model__num_heads=4)
+  # On CPU, or in float32, dot_product is XLA's attention: any head dim.
+  assert model_lib.config_from(small_config(model__attention='dot_product', model__embed_dim=144,
+                                            model__num_heads=4).model, 258,
+                               platform='gpu').flash is False
 
 
 def test_bench_target_plans_the_step_for_chips_this_machine_lacks(tmp_path, capsys, root):
