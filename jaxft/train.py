@@ -159,7 +159,13 @@ class MetricsLog:
           l['split'] == 'train' or not evaluated_again)
       self.lines = [l + '\n' for l in lines if keep(json.loads(l))]
       config_lib.write_file(workdir, 'metrics.jsonl', ''.join(self.lines))
-    self.tb = summary_writer(str(epath.Path(workdir) / 'tb'), purge_step=resume_step + 1)
+    # TensorBoard drops what the earlier event files hold from purge_step on: past the restored
+    # step, or from it when its val/test lines are logged again (its train lines written anew).
+    self.tb = summary_writer(str(epath.Path(workdir) / 'tb'),
+                             purge_step=resume_step + (not evaluated_again))
+    for line in map(json.loads, self.lines if evaluated_again else []):
+      if line['step'] == resume_step:
+        self.scalars(line.pop('step'), line.pop('split'), line)
 
   def write(self, step, split, values):
     if not self.enabled:
@@ -173,10 +179,13 @@ class MetricsLog:
         f.write(self.lines[-1])
     else:  # Rewritten whole: every log_every steps, one object.
       config_lib.write_file(self.workdir, 'metrics.jsonl', ''.join(self.lines))
+    self.scalars(step, split, values)
+    self.tb.flush()
+
+  def scalars(self, step, split, values):
     for k, v in values.items():
       if isinstance(v, (int, float)):
         self.tb.add_scalar(f'{split}/{k}', v, step)
-    self.tb.flush()
 
   def close(self):
     if self.tb:

@@ -1,11 +1,13 @@
 """Fault injection on the small demo config: kills, signals, storage failures and NaN batches.
 Each test is a row of the README's "Faults and bad input" table."""
+import collections
 import glob
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -262,6 +264,33 @@ def test_a_rerun_of_the_final_evaluation_logs_it_once(tmp_path):
   assert [l for l in lines if l['split'] == 'train'] == [l for l in first if l['split'] == 'train']
   assert [l['loss'] for l in lines if l['step'] == 6 and l['split'] != 'train'] == \
       [l['loss'] for l in first if l['step'] == 6 and l['split'] != 'train']
+  # TensorBoard too: each loss once per step, the final train loss kept.
+  losses = tb_scalars(os.path.join(wd, 'tb'))
+  assert [s for s, _ in losses['val/loss']] == [5, 6] and [s for s, _ in losses['test/loss']] == [6]
+  assert [s for s, _ in losses['train/loss']] == [l['step'] for l in first if l['split'] == 'train']
+  assert losses['train/loss'][-1][1] == pytest.approx(
+      [l for l in lines if l['split'] == 'train'][-1]['loss'])
+
+
+def tb_scalars(logdir):
+  """{tag: [(step, value), ...]} as TensorBoard reads logdir's event files, oldest first: a
+  file's purge step (its SessionLog START) drops the earlier files' events from that step on."""
+  from tensorboardX.proto import event_pb2
+  seen = []
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*')),
+                     key=os.path.getmtime):
+    data, i = open(path, 'rb').read(), 0
+    while i < len(data):  # TFRecords: length (8 bytes), its CRC (4), the event, its CRC (4).
+      n, = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 16 + n
+      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
+        seen = [s for s in seen if s[1] < event.step]
+      seen += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  out = collections.defaultdict(list)
+  for tag, step, value in seen:
+    out[tag].append((step, value))
+  return out
 
 
 def test_a_checkpoint_without_its_data_item_says_to_init_from_it(tmp_path, monkeypatch):
