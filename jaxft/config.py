@@ -53,19 +53,10 @@ def load_file(spec):
   return cfg
 
 
-def _common():
-  """configs/common.py's config (every key, with its default), read as a file: a user's
-  `configs` package may be first on sys.path."""
-  module_spec = importlib.util.spec_from_file_location('_jaxft_common', COMMON)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def check_keys(cfg, spec):
   """Refuse what config file `spec` sets that an override could not: a key configs/common.py
   lacks, or None or a bool for a number (ml_collections takes both)."""
-  defaults = flatten(_common())
+  defaults = flatten(load_file(COMMON))  # (By its path: a user's `configs` may come first.)
   for key, value in flatten(cfg).items():
     if key not in defaults:
       raise ConfigError(f'{spec}: unknown config key {key!r}{near_keys(key, list(defaults))}')

@@ -422,9 +422,9 @@ def export(path, out, verify=True, shard_bytes=2 ** 28):
   # Written and verified beside --out, then moved in: an export that fails its check (or is
   # cut short) leaves --out as it was. Beside where --out really is: a rename cannot cross
   # file systems, and a symlinked --out may point to another one.
-  parent = os.path.dirname(os.path.realpath(out))
+  parent, base = os.path.split(os.path.realpath(out))
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.realpath(out))}-', dir=parent)
+  staging = tempfile.mkdtemp(prefix=f'.{base}-', dir=parent)
   try:
     _write_hf(staging, params_dir, shards, model_cfg, tok, label_names, cfg.data)
     try:
