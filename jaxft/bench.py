@@ -121,6 +121,12 @@ def forward_position(path):
   return (2,) if path.startswith('ln_f') else (3,)
 
 
+def lookups(has_head):
+  """The params that are table lookups, not matmuls (N leaves them out): wpe, and wte where a
+  classification head (score) stands in for the LM head."""
+  return {'wpe'} | ({'wte'} if has_head else set())
+
+
 def frozen_flops_per_token(model_cfg, param_sizes, trainable, has_head, seq_len, spec):
   """flops_per_token when only some params train (train.trainable): every matmul runs forward
   (2 FLOPs per param), its weight gradient only for a trained param (2), its input gradient only
@@ -128,10 +134,9 @@ def frozen_flops_per_token(model_cfg, param_sizes, trainable, has_head, seq_len,
   there. The attention core: 4LHQT forward, 8HQT backward for each layer above that param."""
   L, H, Q, T = model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim, seq_len
   lowest = min((forward_position(p) for p in param_sizes if trainable(p)), default=(9,))
-  lookups = {'wpe'} | ({'wte'} if has_head else set())  # wte is a matmul as the LM head only.
   n = n_trained = n_below = 0
   for path, size in param_sizes.items():
-    if path in lookups:
+    if path in lookups(has_head):
       continue
     n += size
     n_trained += size if trainable(path) else 0
@@ -214,8 +219,7 @@ def jax_trainer(cfg, allocate=True, target=None):
   tok = tokenizer_lib.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
   built = train.setup(cfg, tok, objective, mesh)
-  unused = {'wpe'} | ({'wte'} if objective.has_head else set())  # Lookups, not matmuls.
-  n_matmul = sum(n for k, n in built.param_sizes.items() if k not in unused)
+  n_matmul = sum(n for k, n in built.param_sizes.items() if k not in lookups(objective.has_head))
   counted = (flops_per_token(built.model_cfg, n_matmul, cfg.data.seq_len)
              if built.trainable is None else frozen_flops_per_token(
                  built.model_cfg, built.param_sizes, built.trainable, objective.has_head,

@@ -147,13 +147,16 @@ AT_LEAST = {1: ('train.steps', 'train.batch_size', 'train.grad_accum', 'train.lo
             -1: ('distributed.process_id',)}  # (-1: detect.)
 # Fractions and decay rates: below this.
 BELOW = {1: ('model.dropout', 'data.val_fraction', 'data.test_fraction', 'optim.b1', 'optim.b2')}
+# Fractions that may be whole: at most this.
+AT_MOST = {1: ('optim.min_lr_ratio',)}
 
 
 def check(cfg):
-  """Refuse a value out of its range (AT_LEAST, BELOW), naming the key. (A run's config.json
+  """Refuse a value out of its range (AT_LEAST, BELOW, AT_MOST), naming the key. (A run's config.json
   from an older jaxft may lack a key; None is a placeholder's 'unset'.)"""
   values = flatten(cfg)
-  for bounds, out, say in ((AT_LEAST, lambda v, b: v < b, '>='), (BELOW, lambda v, b: v >= b, '<')):
+  for bounds, out, say in ((AT_LEAST, lambda v, b: v < b, '>='), (BELOW, lambda v, b: v >= b, '<'),
+                           (AT_MOST, lambda v, b: v > b, '<=')):
     for bound, keys in bounds.items():
       for key in keys:
         if values.get(key) is not None and out(values[key], bound):

@@ -12,12 +12,13 @@ mesh. Works for next_token and labeled_pair runs and for `convert from-hf` workd
 """
 import argparse
 import json
+import math
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from jaxft import checkpoint, config as config_lib, data, evaluate, objectives, sharding
@@ -108,7 +109,9 @@ def main(argv):
   # Also --config.mesh.* (e.g. fewer devices than the run had) and --config.data.*, as evaluate.
   args, rest = parser.parse_known_args(config_lib.equals_form(argv))
   overrides = evaluate.overrides_of(rest, parser)
-  ranges = [('--temperature', args.temperature, args.temperature >= 0, '>= 0 (0: greedy)'),
+  # A finite temperature: at inf every logit, the padding ids' -1e9 too, divides to 0 (uniform).
+  ranges = [('--temperature', args.temperature, 0 <= args.temperature < math.inf,
+             'finite, >= 0 (0: greedy)'),
             ('--top-k', args.top_k, args.top_k >= 0, '>= 0 (0: all)'),
             ('--top-p', args.top_p, 0 < args.top_p <= 1, 'in (0, 1]'),
             ('--max-new-tokens', args.max_new_tokens, args.max_new_tokens >= 1, '>= 1'),
@@ -117,6 +120,14 @@ def main(argv):
   bad = [f'{flag} {value} (must be {want})' for flag, value, ok, want in ranges if not ok]
   if bad:
     raise config_lib.ConfigError('out of range: ' + '; '.join(bad))
+  # Checked before any decoding. A ~ no shell expanded (--out=~/out.jsonl) is the home directory.
+  out_path = checkpoint.absolute(args.out) if args.out else None
+  if out_path and out_path.is_dir():
+    raise IsADirectoryError(f'--out {args.out} is a directory; give a file name')
+  if out_path and args.prompts_file and any(os.path.realpath(f) == os.path.realpath(out_path)
+                                       for f in data._files(args.prompts_file)):
+    raise FileExistsError(f'--out {args.out} is the --prompts-file: writing it would replace '
+                          f'the prompts')
   cfg = checkpoint.run_config(args.workdir)[0]
   if objectives.get(cfg.objective).has_head:
     raise config_lib.ConfigError(f'{args.workdir} is a {cfg.objective} run: its outputs are '
@@ -128,18 +139,24 @@ def main(argv):
   mesh = sharding.make_mesh(cfg.mesh)
   pair = cfg.objective == 'labeled_pair'
   if args.prompt is not None:
-    texts = [args.prompt]
+    records = [({'prompt': args.prompt}, '--prompt')]
+    field = 'prompt'
   else:
+    records = data.read_records(args.prompts_file)
     field = cfg.data.prompt_field if pair else 'prompt'  # A pair run reads its own data's field.
-    texts = [objectives.string_field(r, field, where)
-             for r, where in data.read_records(args.prompts_file)]
+  texts = [objectives.string_field(r, field, where) for r, where in records]
   # As in training and evaluation: a pair run was trained on its prompts shown through the template.
   shown = [objectives.shown_prompt(t, cfg.data) if pair and not args.raw else t for t in texts]
-  prompts = [tok.encode(t) or [tok.eos_id] for t in shown for _ in range(args.num_samples)]
+  encoded = [tok.encode(t) or [tok.eos_id] for t in shown]
+  # Named (the file's line, or --prompt), all counted: one fix, not one rerun per long prompt.
+  over = [(where, len(p)) for (_, where), p in zip(records, encoded)
+          if len(p) + args.max_new_tokens > model_cfg.max_len]
+  if over:
+    more = f' (and {len(over) - 1} more prompts)' if len(over) > 1 else ''
+    raise config_lib.ConfigError(f'{over[0][0]}: prompt of {over[0][1]} tokens + --max-new-tokens '
+                                 f'{args.max_new_tokens} > model max_len {model_cfg.max_len}{more}')
+  prompts = [p for p in encoded for _ in range(args.num_samples)]
   longest = max(map(len, prompts))
-  if longest + args.max_new_tokens > model_cfg.max_len:
-    raise config_lib.ConfigError(f'longest prompt ({longest} tokens) + --max-new-tokens '
-                                 f'{args.max_new_tokens} > model max_len {model_cfg.max_len}')
   generate = make_generate(graphdef, tok.eos_id, args.max_new_tokens, args.temperature,
                            args.top_k, args.top_p)
   # Every call [rows, longest] (one compile): --batch-size rows, rounded up to the mesh's batch
@@ -164,8 +181,8 @@ def main(argv):
   lines = ''.join(json.dumps({'prompt': text, 'sample': i % args.num_samples,
                               'completion': tok.decode(ids)}) + '\n'
                   for i, ((text, _), ids) in enumerate(zip(pairs, new)))
-  if args.out:  # Written whole, or an existing file left as it was.
-    config_lib.write_file(str(epath.Path(args.out).parent), epath.Path(args.out).name, lines)
+  if out_path:  # Written whole, or an existing file left as it was.
+    config_lib.write_file(str(out_path.parent), out_path.name, lines)
   else:
     sys.stdout.write(lines)
 

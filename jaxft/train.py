@@ -435,6 +435,9 @@ def run(cfg, workdir):
         f'{jax.process_count()} process(es)')
     T = cfg.train
     check_batch(cfg, mesh)  # Before the data is read: fail fast.
+    if cfg.optim.warmup_steps >= T.steps:  # (optim.schedule clips the warm-up to the run.)
+      log(f'note: optim.warmup_steps={cfg.optim.warmup_steps} >= train.steps={T.steps}: the '
+          f'learning rate rises for the whole run and never reaches optim.lr={cfg.optim.lr:g}')
     tok = tokenizer_lib.build(cfg.tokenizer)
     objective = objectives.get(cfg.objective)
     records, examples, skipped = prepare_splits(cfg, objective, tok)

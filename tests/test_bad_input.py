@@ -85,6 +85,9 @@ CASES = {
     'negative final lr (gradient ascent)': (
         {'optim__min_lr_ratio': -1.0}, False,
         r"config key 'optim\.min_lr_ratio' is -1\.0; it must be >= 0"),
+    'final lr above the peak': (
+        {'optim__min_lr_ratio': 1.5}, False,
+        r"config key 'optim\.min_lr_ratio' is 1\.5; it must be <= 1"),
     'unknown compute dtype': (
         {'model__dtype': 'bf16'}, False,
         r"unknown model\.dtype 'bf16'; known: float32, bfloat16, float16"),

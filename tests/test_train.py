@@ -42,6 +42,7 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert ocp.utils.checkpoint_steps(os.path.join(wd, 'checkpoints')) == [10]
   out = capsys.readouterr().out
   assert 'step 10 test: loss' in out and 'baselines: unigram_loss' in out
+  assert 'never reaches optim.lr' not in out  # Warm-up 2 of 10 steps.
   # keep_best's val loss is on disk (a resume compares with it) and, at the end too, is that of
   # the capped evaluations (train.eval_batches), not the whole split's: evaluate so capped agrees.
   assert json.load(open(os.path.join(wd, 'eval', 'val_10.json')))['batches'] == 'all'
@@ -54,6 +55,10 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   train.main(small_argv(wd, train__steps=10, train__eval_batches=1))  # Resumes at the end: done.
   assert 'already holds the final step 10' in capsys.readouterr().out
   assert len(metrics(wd)) == len(lines)
+  # A warm-up as long as the run is told of (it would be a silent lr that never peaks).
+  train.main(small_argv(str(tmp_path / 'short'), train__steps=2, train__eval_batches=1))
+  assert ('note: optim.warmup_steps=2 >= train.steps=2: the learning rate rises for the whole run '
+          'and never reaches optim.lr=') in capsys.readouterr().out
   # Fewer steps than the checkpoint's: refused, and the record of what was run left as it was.
   with pytest.raises(config_lib.ConfigError, match=r'train.steps=4 is below the step of .*checkpoint, 10'):
     train.main(small_argv(wd, train__steps=4, train__eval_batches=1))
