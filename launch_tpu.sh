@@ -8,7 +8,8 @@
 #
 # Rerunning the same command with --skip-create resumes the run from its workdir's checkpoint on
 # a VM still up; a preempted (spot) VM cannot be restarted: delete it and rerun without
-# --skip-create, with the workdir on gs:// (runs/ on the VM's disk goes with it).
+# --skip-create, with the workdir on gs:// (runs/ on the VM's disk goes with it). With --detach
+# the training outlives this script and its ssh sessions (a dropped connection would end it).
 set -euo pipefail
 
 usage() {
@@ -34,13 +35,17 @@ multi-host slices find each other through jax.distributed).
   --skip-create        use an existing TPU VM of that name
   --delete             delete the TPU VM (or queued resource) when the script ends, also on
                        a failed step or Ctrl-C after the create
+  --detach             start the training in the background on every worker and return: it
+                       logs to ~/jaxft-train.log there (appended on each launch) and a dropped
+                       ssh connection does not end it (not with --delete). A launch onto a VM
+                       whose detached training still runs is refused before anything changes.
   --dry-run            print every gcloud command instead of running it
   -h, --help           this help
 EOF
 }
 
 name= zone= accelerator=v4-8 version= project= spot= queued= ship=git
-repo= ref= skip_create= delete= dry_run=
+repo= ref= skip_create= delete= detach= dry_run=
 while [[ $# -gt 0 ]]; do
   case "$1" in --name|--zone|--accelerator|--version|--project|--ship|--repo|--ref)
     [[ $# -ge 2 && $2 != -* ]] || { echo "launch_tpu.sh: $1 needs a value (see --help)" >&2; exit 2; } ;;
@@ -58,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --ref) ref=$2; shift 2 ;;
     --skip-create) skip_create=1; shift ;;
     --delete) delete=1; shift ;;
+    --detach) detach=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -67,6 +73,7 @@ done
 train_args=("$@")
 [[ -n $name && -n $zone ]] || { echo 'launch_tpu.sh: --name and --zone are required (see --help)' >&2; exit 2; }
 [[ ${#train_args[@]} -gt 0 ]] || { echo 'launch_tpu.sh: give the train arguments after -- (see --help)' >&2; exit 2; }
+[[ -z $delete || -z $detach ]] || { echo 'launch_tpu.sh: --delete would delete the VM under the --detach training' >&2; exit 2; }
 [[ $ship == git || $ship == scp ]] || { echo "launch_tpu.sh: --ship must be git or scp, not $ship" >&2; exit 2; }
 if [[ -z $version ]]; then  # Cloud TPU's runtime for JAX per TPU generation.
   case $accelerator in
@@ -145,14 +152,19 @@ fi
 # The code is shipped afresh each time; runs/ (the default workdirs) lives beside it in ~/runs,
 # so a rerun with --skip-create finds its checkpoints and resumes.
 keep_runs='mkdir -p runs && ln -sfn ../runs jaxft/runs'
+# Not over a detached training that still runs (its code and workdir would change under it).
+running='[ -f jaxft-train.pid ] && grep -qs jaxft.train /proc/$(cat jaxft-train.pid)/cmdline'
+idle="if $running; then echo \"\$(hostname): a detached jaxft.train (pid \$(cat jaxft-train.pid))"
+idle+=' is still running: wait for it to end, or stop it (kill sends SIGTERM: it saves'
+idle+=' a checkpoint first)" >&2; exit 1; fi'
 if [[ $ship == git ]]; then
-  on_workers "rm -rf jaxft && git clone -q $(printf %q "$repo") jaxft && git -C jaxft checkout -q $(printf %q "$ref") && $keep_runs"
+  on_workers "$idle; rm -rf jaxft && git clone -q $(printf %q "$repo") jaxft && git -C jaxft checkout -q $(printf %q "$ref") && $keep_runs"
 else
   archive=$(mktemp -d)/jaxft.tar.gz
   git -C "$here" archive --format=tar.gz -o "$archive" "$ref"
   gcloud_ compute tpus tpu-vm scp "$archive" "$name:jaxft.tar.gz" "${common[@]}" --worker=all
   rm -rf "$(dirname "$archive")"
-  on_workers "rm -rf jaxft && mkdir jaxft && tar -xzf jaxft.tar.gz -C jaxft && $keep_runs"
+  on_workers "$idle; rm -rf jaxft && mkdir jaxft && tar -xzf jaxft.tar.gz -C jaxft && $keep_runs"
 fi
 # jax >= 0.7 needs Python >= 3.11, and the TPU runtimes' Ubuntu 22.04 has 3.10 (and no venv
 # module): take the first python3.1x with venv that is new enough, or install Ubuntu's 3.11.
@@ -162,6 +174,14 @@ pick_python+=' { py=$p; break; }; done; [ -n "$py" ] || { apt_get="sudo DEBIAN_F
 pick_python+=' apt-get -o DPkg::Lock::Timeout=600"; $apt_get update -qq &&'
 pick_python+=' $apt_get install -y -qq python3.11-venv && py=python3.11; }; }'
 on_workers "cd jaxft && $pick_python && \$py -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
+train="python -m jaxft.train --config.distributed.enabled=True$(printf ' %q' "${train_args[@]}")"
+if [[ -n $detach ]]; then  # Its own session (setsid), so no hangup of ssh's reaches it.
+  on_workers "cd jaxft && . .venv/bin/activate && { setsid nohup $train >> ../jaxft-train.log 2>&1 < /dev/null & echo \$! > ../jaxft-train.pid; }"
+  echo "launch_tpu.sh: training detached on every worker of $name (log: ~/jaxft-train.log); follow it:"
+  printf '  gcloud compute tpus tpu-vm ssh %q' "$name"; printf ' %q' "${common[@]}"
+  printf ' --worker=0 --command=%q\n' 'tail -n 50 -f jaxft-train.log'
+  exit 0
+fi
 status=0
-on_workers "cd jaxft && . .venv/bin/activate && python -m jaxft.train --config.distributed.enabled=True$(printf ' %q' "${train_args[@]}")" || status=$?
+on_workers "cd jaxft && . .venv/bin/activate && $train" || status=$?
 exit $status  # (--delete: the EXIT trap above.)

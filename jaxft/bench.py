@@ -23,6 +23,7 @@ one JSON line (also written to --json).
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -326,8 +327,14 @@ def torch_trainer(cfg, model_cfg, has_head):
          transformers.GPT2LMHeadModel)
   model = cls(hf_cfg).train()
   o = cfg.optim
-  opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                          weight_decay=o.weight_decay)
+  # Weight decay for the same params as jaxft's (optim.no_decay on HF's names: 'ln_1', 'bias',
+  # 'wte', 'wpe' are in both); torch's own default would decay them all.
+  no_decay = re.compile(o.no_decay) if o.no_decay else None
+  exempt = {n for n, _ in model.named_parameters() if no_decay and no_decay.search(n)}
+  opt = torch.optim.AdamW(
+      [{'params': [p for n, p in model.named_parameters() if n not in exempt]},
+       {'params': [p for n, p in model.named_parameters() if n in exempt], 'weight_decay': 0.0}],
+      lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
   B, T = cfg.train.batch_size, cfg.data.seq_len
   tokens = torch.randint(1, model_cfg.tokenizer_vocab or model_cfg.vocab_size, (B, T))
   labels = torch.zeros(B, dtype=torch.long) if has_head else tokens
@@ -349,6 +356,8 @@ def torch_trainer(cfg, model_cfg, has_head):
     return total
 
   return step, {'torch': torch.__version__, 'transformers': transformers.__version__,
+                'torch_no_decay_params': sum(p.numel() for n, p in model.named_parameters()
+                                             if n in exempt),
                 'torch_threads': torch.get_num_threads(),
                 'torch_matmul_peak_flops': round(torch_matmul_probe(bf16))}
 

@@ -243,8 +243,8 @@ def _tfds_source(name, given, default, data_cfg):
     raise DataError(f'tfds:{name} needs tensorflow-datasets: pip install jaxft[tfds]') from None
   where = f'tfds:{name}:{split} (data.tfds_data_dir={data_cfg.tfds_data_dir!r})'
   try:  # Never downloads: preparing a dataset is a step of its own, not a side effect of a run.
-    return tfds.data_source(name, split=split, data_dir=data_cfg.tfds_data_dir or None,
-                            download=False)
+    return tfds.data_source(name, split=split, download=False,  # (~: as for data files.)
+                            data_dir=os.path.expanduser(data_cfg.tfds_data_dir) or None)
   except NotImplementedError:  # Not prepared there, or prepared as TFRecord only.
     given_dir = f' --data_dir={data_cfg.tfds_data_dir}' if data_cfg.tfds_data_dir else ''
     raise DataError(f'{where}: not prepared as array_record there (jaxft reads it by random '
@@ -283,14 +283,23 @@ def _hf_source(path, given, default, data_cfg):
 SOURCES = {'tfds': _tfds_source, 'hf': _hf_source}
 
 
+def _dataset_spec(spec):
+  """(kind, name, split given or '') of `tfds:<name>[:<split>]` or `hf:<name or dir>[:<split>]`
+  (hf:~/dir is the home directory's: no shell expands a ~ after '='), or None for a file glob."""
+  kind, _, rest = spec.partition(':')
+  if kind not in SOURCES or not rest:
+    return None
+  name, _, given = rest.partition(':')
+  return kind, os.path.expanduser(name) if kind == 'hf' else name, given
+
+
 def read_split(spec, split, data_cfg):
   """Records of data.train / val / test: a file glob (see read_records), or a dataset split,
   `tfds:<name>[/<config>][:<split>]` or `hf:<hub name or local dir>[:<split>]` (the split
   defaulting to `split`) as SourceRecords named '<kind>:<name>:<split>[<index>]'."""
-  kind, _, rest = spec.partition(':')
-  if kind not in SOURCES or not rest:
+  if _dataset_spec(spec) is None:
     return read_records(spec, data_cfg.on_error)
-  name, _, given = rest.partition(':')
+  kind, name, given = _dataset_spec(spec)
   source = SOURCES[kind](name, given, split, data_cfg)
   split = given or split
   if not len(source):
@@ -303,10 +312,9 @@ def _origins(spec, split, data_cfg):
   or '<kind>:<name>:<split>' and the split's slice ('[:10%]', '' for all of it) for each split
   joined by '+' (a local dir by its real path; one saved HF Dataset is read whole, whatever the
   split)."""
-  kind, _, rest = spec.partition(':')
-  if kind not in SOURCES or not rest:
+  if _dataset_spec(spec) is None:
     return {(f if '://' in f else os.path.realpath(f), '') for f in _files(spec)}
-  name, _, given = rest.partition(':')
+  kind, name, given = _dataset_spec(spec)
   if kind == 'hf' and os.path.isdir(name):
     name = os.path.realpath(name)
     if os.path.isfile(os.path.join(name, 'state.json')):

@@ -5,7 +5,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -54,8 +56,9 @@ def test_single_host_v4_8(fake_gcloud):
   ssh = ['compute', 'tpus', 'tpu-vm', 'ssh', 'tpu1', '--zone=us-central2-b', '--worker=all']
   assert [c[:7] for c in calls[1:4]] == [ssh] * 3
   clone, install, train = (remote(c) for c in calls[1:4])
-  assert clone == (f'rm -rf jaxft && git clone -q https://example.com/jaxft.git jaxft && '
-                   f'git -C jaxft checkout -q {head} && mkdir -p runs && ln -sfn ../runs jaxft/runs')
+  assert clone.endswith(f'; rm -rf jaxft && git clone -q https://example.com/jaxft.git jaxft && '
+                        f'git -C jaxft checkout -q {head} && mkdir -p runs && ln -sfn ../runs '
+                        f'jaxft/runs')  # (After the check that no detached training runs.)
   assert install.endswith("pip install -q -e '.[tpu]'")
   # The same train command on every worker, its arguments intact through the remote shell.
   cmd = shlex.split(train.split('&& ', 2)[2])
@@ -102,7 +105,7 @@ def test_dry_run_prints_every_command_and_runs_none(fake_gcloud):
 def test_help_documents_every_option_and_bad_use_is_named(fake_gcloud):
   run, _ = fake_gcloud('--help')
   options = set(re.findall(r'^    (--[a-z-]+)\)', open(SCRIPT).read(), re.M))
-  assert len(options) == 13 and run.returncode == 0
+  assert len(options) == 14 and run.returncode == 0
   assert all(re.search(rf'^  {o}\b', run.stdout, re.M) for o in options), run.stdout
   run, calls = fake_gcloud('--name', 'x', '--zone', 'z', '--acclerator', 'v4-8', '--', *TRAIN)
   assert run.returncode == 2 and 'unknown option --acclerator' in run.stderr and calls == []
@@ -118,9 +121,9 @@ def test_a_failure_after_create_still_deletes_the_vm(fake_gcloud):
   run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--delete', '--', *TRAIN,
                            FAKE_FAIL='pip install')
   assert run.returncode == 1 and calls[-1] == delete, run.stderr
-  assert not any('jaxft.train' in a for c in calls for a in c)  # Stopped at the install.
+  assert not any('-m jaxft.train' in a for c in calls for a in c)  # Stopped at the install.
   run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--delete', '--', *TRAIN,
-                           FAKE_FAIL='jaxft.train')
+                           FAKE_FAIL='-m jaxft.train')
   assert run.returncode == 1 and calls[-1] == delete and len(calls) == 5  # As before.
   # A create that fails deletes nothing: the name may be someone else's VM.
   run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--delete', '--', *TRAIN,
@@ -221,3 +224,53 @@ def test_the_default_runtime_is_the_one_for_the_tpu_generation(fake_gcloud, acce
   _, calls = fake_gcloud('--name', 'x', '--zone', 'z', '--repo', 'r', '--accelerator', accelerator,
                          '--version', 'mine', '--', *TRAIN)
   assert calls[0][-1] == '--version=mine'
+
+
+def test_detach_leaves_the_training_running_and_a_relaunch_waits_for_it(fake_gcloud, tmp_path):
+  """Training ran inside the ssh session: a dropped connection ended it. --detach starts it in
+  a session of its own, logging to ~/jaxft-train.log, and a later launch onto that VM refuses to
+  re-ship the code under it."""
+  run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--detach', '--delete',
+                           '--', *TRAIN)
+  assert run.returncode == 2 and 'would delete the VM under the --detach training' in run.stderr
+  assert calls == []
+  run, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--detach', '--', *TRAIN)
+  assert run.returncode == 0, run.stderr
+  assert [c[3] for c in calls] == ['create', 'ssh', 'ssh', 'ssh']
+  follow = shlex.split(run.stdout.splitlines()[-1])  # The command it prints to follow the log.
+  assert follow == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'tpu1', '--zone=z', '--worker=0',
+                    '--command=tail -n 50 -f jaxft-train.log']
+  # The worker's side, in a real bash: a stand-in `python` that logs and then runs on.
+  home, bin_dir = tmp_path / 'home', tmp_path / 'vm_bin'
+  (home / 'jaxft' / '.venv' / 'bin').mkdir(parents=True)
+  (home / 'jaxft' / '.venv' / 'bin' / 'activate').write_text('')
+  bin_dir.mkdir()
+  (bin_dir / 'python').write_text('#!/bin/sh\necho "started $*"\nsleep 60\n')
+  (bin_dir / 'python').chmod(0o755)
+  env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(home)}
+  subprocess.run(['/bin/bash', '-c', remote(calls[3])], cwd=home, env=env, check=True, timeout=20)
+  pid = int((home / 'jaxft-train.pid').read_text())
+  try:
+    for _ in range(100):  # Its first line, once it has started.
+      if (home / 'jaxft-train.log').exists() and (home / 'jaxft-train.log').read_text():
+        break
+      time.sleep(0.05)
+    assert (home / 'jaxft-train.log').read_text().startswith(
+        'started -m jaxft.train --config.distributed.enabled=True --config=configs/demo.py')
+    stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+    assert int(stat[3]) == pid  # Its own session: the ssh session's hangup does not reach it.
+    # A relaunch (the code is re-shipped first) stops on every worker where it still runs.
+    _, calls = fake_gcloud('--name', 'tpu1', '--zone', 'z', '--repo', 'r', '--skip-create', '--',
+                           *TRAIN)
+    idle = remote(calls[0]).split('; rm -rf jaxft', 1)[0]
+    check = subprocess.run(['/bin/bash', '-c', idle], cwd=home, env=env, capture_output=True,
+                           text=True, timeout=20)
+    assert check.returncode == 1 and (f'a detached jaxft.train (pid {pid}) is still running'
+                                      in check.stderr)
+  finally:
+    os.killpg(pid, signal.SIGTERM)  # Its session's group: the stand-in and its sleep.
+  for _ in range(100):  # (Not our child: setsid's session is reaped by init.)
+    if not os.path.exists(f'/proc/{pid}'):
+      break
+    time.sleep(0.05)
+  assert subprocess.run(['/bin/bash', '-c', idle], cwd=home, env=env, timeout=20).returncode == 0

@@ -54,6 +54,26 @@ def test_tfds_split_reads_as_plain_records(tfds_dir):
     data.read_split('tfds:no_such_set', 'train', cfg)
 
 
+def test_a_tilde_in_dataset_paths_is_the_home_directory(tfds_dir, hf_dirs, monkeypatch):
+  """--config.data.tfds_data_dir=~/x and data.train=hf:~/x: no shell expands a ~ after '=', and
+  TFDS / datasets looked for a directory literally named '~'."""
+  home, tfds_sub = os.path.split(tfds_dir)
+  monkeypatch.setenv('HOME', home)
+  cfg = small_config(data__tfds_data_dir=f'~/{tfds_sub}').data
+  assert len(data.read_split('tfds:jaxft_tiny', 'validation', cfg)) == len(ROWS['validation'])
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  files, saved, pairs = hf_dirs
+  for directory in (files, saved):
+    monkeypatch.setenv('HOME', os.path.dirname(directory))
+    tilde = f'hf:~/{os.path.basename(directory)}'
+    assert [r for r, _ in data.read_split(tilde, 'validation', cfg)] == pairs['validation']
+    # The same directory's train split named two ways is still one source.
+    both = small_config(data__source='files', data__train=tilde,
+                        data__val=f'hf:{directory}:train').data
+    with pytest.raises(data.DataError, match=rf'both read hf:{directory}:train'):
+      data.load_splits(both, 0)
+
+
 def test_trains_classification_on_a_tfds_dataset(tfds_dir, tmp_path, capsys):
   wd = str(tmp_path / 'run')
   train.main(small_argv(wd, objective='classification', data__source='files',

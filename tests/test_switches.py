@@ -531,6 +531,10 @@ def test_bench_main_compare_hf(tmp_path, capsys, root):
   assert (model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim) == (L, H, Q)
   assert (r['batch_size'], r['seq_len'], r['steps'], r['warmup']) == (B, T, 3, 1)
   assert r['flops_per_token'] == 6 * n + 12 * L * H * Q * T
+  # torch's AdamW leaves out of weight decay what jaxft's does (optim.no_decay): the same count.
+  exempt = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
+               if re.search(cfg.optim.no_decay, model_lib.path_str(p)))
+  assert 0 < exempt < n and r['hf_versions']['torch_no_decay_params'] == exempt
 
   assert r['compile_s'] > 0
   assert r['step_s_min'] <= r['step_s_median'] <= r['step_s_max']
