@@ -155,8 +155,8 @@ keep_runs='mkdir -p runs && ln -sfn ../runs jaxft/runs'
 # Not over a detached training that still runs (its code and workdir would change under it).
 running='[ -f jaxft-train.pid ] && grep -qs jaxft.train /proc/$(cat jaxft-train.pid)/cmdline'
 idle="if $running; then echo \"\$(hostname): a detached jaxft.train (pid \$(cat jaxft-train.pid))"
-idle+=' is still running: wait for it to end, or stop it (kill sends SIGTERM: it saves'
-idle+=' a checkpoint first)" >&2; exit 1; fi'
+idle+=' is still running: wait for it to end, or stop it on every worker (kill the pid in'
+idle+=' ~/jaxft-train.pid: SIGTERM saves a checkpoint first)" >&2; exit 1; fi'
 if [[ $ship == git ]]; then
   on_workers "$idle; rm -rf jaxft && git clone -q $(printf %q "$repo") jaxft && git -C jaxft checkout -q $(printf %q "$ref") && $keep_runs"
 else
