@@ -37,9 +37,9 @@ from flax import nnx
 from jaxft import config as config_lib, data, evaluate, generate, model as model_lib, objectives, \
     sharding, tokenizer as tokenizer_lib, train
 
-# Dense bf16 peak FLOP/s per chip from the vendors' datasheets, by jax device_kind substring
-# (longest match wins). float32 compute is counted against half of it (TF32 on NVIDIA tensor
-# cores, bf16 passes on TPU).
+# Dense bf16 (and fp16: the same rate on these chips) peak FLOP/s per chip from the vendors'
+# datasheets, by jax device_kind substring (longest match wins). float32 compute is counted
+# against half of it (TF32 on NVIDIA tensor cores, bf16 passes on TPU).
 DATASHEET_PEAK = {
     'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e12, 'L4': 121e12,
     'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
@@ -174,7 +174,7 @@ def device_peak(dtype, devices=1):
   kind = jax.devices()[0].device_kind
   known = [k for k in DATASHEET_PEAK if k in kind]
   if known:
-    peak = DATASHEET_PEAK[max(known, key=len)] * (1 if dtype == 'bfloat16' else 0.5)
+    peak = DATASHEET_PEAK[max(known, key=len)] * (0.5 if dtype == 'float32' else 1)
     return peak * devices, f'datasheet ({kind}, {dtype})' + (f' x {devices}' if devices > 1 else '')
   # CPUs (and chips not in the table): measured on the first device; a CPU's is all cores of
   # this process, which its devices share (one figure for the whole mesh).
@@ -338,14 +338,14 @@ def torch_trainer(cfg, model_cfg, has_head):
   B, T = cfg.train.batch_size, cfg.data.seq_len
   tokens = torch.randint(1, model_cfg.tokenizer_vocab or model_cfg.vocab_size, (B, T))
   labels = torch.zeros(B, dtype=torch.long) if has_head else tokens
-  bf16 = model_cfg.dtype == 'bfloat16'
+  half = {'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(model_cfg.dtype)
 
   k = cfg.train.grad_accum  # Strided micro-batches of B/k rows, as jaxft's step takes them.
 
   def step():
     total = 0.0
     for i in range(k):
-      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+      with torch.autocast('cpu', dtype=half or torch.bfloat16, enabled=half is not None):
         loss = model(input_ids=tokens[i::k], labels=labels[i::k]).loss / k
       loss.backward()
       total += float(loss.detach())
@@ -359,13 +359,13 @@ def torch_trainer(cfg, model_cfg, has_head):
                 'torch_no_decay_params': sum(p.numel() for n, p in model.named_parameters()
                                              if n in exempt),
                 'torch_threads': torch.get_num_threads(),
-                'torch_matmul_peak_flops': round(torch_matmul_probe(bf16))}
+                'torch_matmul_peak_flops': round(torch_matmul_probe(half or torch.float32))}
 
 
-def torch_matmul_probe(bf16, n=2048):
+def torch_matmul_probe(dtype, n=2048):
   """matmul_probe's figure for torch on the CPU: its own BLAS may reach another peak than XLA's."""
   import torch
-  a = torch.randn(n, n, dtype=torch.bfloat16 if bf16 else torch.float32)
+  a = torch.randn(n, n, dtype=dtype)
   return 2 * n ** 3 / best_seconds(lambda: a @ a)
 
 

@@ -485,6 +485,7 @@ def test_mfu_peak_is_the_whole_meshs(monkeypatch):
                                               'bfloat16) x 8')
   assert bench.device_peak('float32', 1) == (989e12 / 2, 'datasheet (NVIDIA H100 80GB HBM3, '
                                              'float32)')
+  assert bench.device_peak('float16', 1)[0] == 989e12  # Tensor cores: fp16 at bf16's rate.
   monkeypatch.setattr(bench, 'matmul_probe', lambda dtype: 1e11)
   monkeypatch.setattr(jax, 'devices', lambda: [chip('cpu', 'cpu')])
   assert bench.device_peak('float32', 8) == (1e11, 'matmul probe (cpu, float32, 2048^3)')
