@@ -49,8 +49,8 @@ def get_config(arg=None):
   # upper triangle: faster on CPU), 'dot_product' (jax.nn.dot_product_attention: cuDNN flash
   # attention on GPU in bfloat16; no attention dropout) or 'auto': causal_blocks on CPU,
   # dot_product on GPU in bf16 without dropout (head dim a multiple of 8, <= 128), einsum otherwise.
-  c.model.attention_block = 64  # causal_blocks: queries per block; a seq_len that is not a
-  # multiple of it (or not above it) gets one block, i.e. einsum.
+  c.model.attention_block = 64  # causal_blocks: queries per block (the last one shorter where
+  # it does not divide seq_len); a seq_len not above it gets one block, i.e. einsum.
   c.model.remat = 'none'  # Recompute activations in backward: a jax.checkpoint_policies name, e.g.
   # 'nothing_saveable' (least memory), 'dots_with_no_batch_dims_saveable' (keeps matmul outputs).
   c.model.scan_layers = False  # Trace one block and scan it over the layers: compile time flat in depth.

@@ -323,13 +323,15 @@ class Attention(nnx.Module):
       out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BMHK, v_BMHK, mask=mask_B1LM,
                                               is_causal=L == M,
                                               implementation='cudnn' if self.cfg.flash else None)
-    elif how == 'causal_blocks' and L == M and L > c and L % c == 0:
-      # Query block i only sees keys [0, (i + 1) c): the masked-out upper triangle of blocks is
-      # never computed (L = 4c does 10/16 of the work).
-      keys = jax.random.split(key, L // c) if key is not None else [None] * (L // c)
+    elif how == 'causal_blocks' and L == M and L > c:
+      # Query block [s, s + c) only sees keys [0, s + c): the masked-out upper triangle of blocks
+      # is never computed (L = 4c does 10/16 of the work). The last block is shorter where c
+      # does not divide L (slices stop at L).
+      starts = range(0, L, c)
+      keys = jax.random.split(key, len(starts)) if key is not None else [None] * len(starts)
       out_BLHK = jnp.concatenate([self.softmax_attention(
-          q_BLHK[:, i * c:(i + 1) * c], k_BMHK[:, :(i + 1) * c], v_BMHK[:, :(i + 1) * c],
-          mask_B1LM[:, :, i * c:(i + 1) * c, :(i + 1) * c], keys[i]) for i in range(L // c)], 1)
+          q_BLHK[:, s:s + c], k_BMHK[:, :s + c], v_BMHK[:, :s + c],
+          mask_B1LM[:, :, s:s + c, :s + c], key_s) for s, key_s in zip(starts, keys)], 1)
     else:
       out_BLHK = self.softmax_attention(q_BLHK, k_BMHK, v_BMHK, mask_B1LM, key)
     dt = q_BLHK.dtype

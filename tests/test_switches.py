@@ -45,6 +45,9 @@ CASES = [  # (id, overrides, tolerances, evidence(switch counts, baseline counts
     # 4 query blocks: one (smaller) scores and values matmul pair per block.
     ('causal_blocks', BLOCKS, FP32,  # Measured: loss 0, params 3.5e-7.
      lambda c, b: c['dot_general'] > b['dot_general'] and c['concatenate'] > b['concatenate']),
+    # Blocks of 10 over seq 32: 10 + 10 + 10 + 2 (it was one block, i.e. einsum, unless c | L).
+    ('causal_blocks_ragged', dict(BLOCKS, model__attention_block=10), FP32,
+     lambda c, b: c['dot_general'] > b['dot_general'] and c['concatenate'] > b['concatenate']),
     # jax.nn.dot_product_attention builds its own causal mask (a tril per layer).
     ('dot_product', dict(model__attention='dot_product'), FP32,  # Measured: 0, 3.4e-7.
      lambda c, b: c['jit:tril'] > b['jit:tril']),
