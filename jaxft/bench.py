@@ -598,7 +598,8 @@ def main(argv):
     raise config_lib.ConfigError('--compare-hf times train steps; --compile-only, --target and '
                                  '--decode run none')
   cfg, _ = config_lib.parse_args(rest, usage=__doc__.split('\n\n')[1].strip())
-  out = epath.Path(opts['json']) if opts['json'] else None
+  # (~: no shell expands it after '='; gs:// stays as it is.)
+  out = epath.Path(os.path.expanduser(opts['json'])) if opts['json'] else None
   if out:  # Before the run, not after minutes of it: a missing folder is made, a bad path named.
     if out.is_dir():
       raise IsADirectoryError(f'--json={out} is a directory; give a file name')

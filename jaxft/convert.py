@@ -533,11 +533,12 @@ def main(argv):
   sub = parser.add_subparsers(dest='command', required=True)
   t = sub.add_parser('to-hf', help='jaxft checkpoint -> Hugging Face directory')
   t.add_argument('--checkpoint', required=True, help='jaxft workdir or checkpoint step dir')
-  t.add_argument('--out', required=True)
+  # A ~ no shell expanded (--out=~/x) is the home directory, as in the inputs.
+  t.add_argument('--out', required=True, type=os.path.expanduser)
   t.add_argument('--no-verify', action='store_true', help='skip the transformers logits check')
   f = sub.add_parser('from-hf', help='Hugging Face directory or hub id -> jaxft workdir')
   f.add_argument('--model', required=True)
-  f.add_argument('--out', required=True)
+  f.add_argument('--out', required=True, type=os.path.expanduser)
   f.add_argument('--tokenizer', help="for a model directory without tokenizer files: 'bytes' "
                  "or 'hf:<dir or hub id>' (default: the model's own)")
   f.add_argument('--config', help='FILE[:variant] for the rest of the recorded config (data, '

@@ -42,7 +42,9 @@ class HFTokenizer:
     from transformers import AutoTokenizer
     self.spec = f'hf:{name}'
     name = os.path.expanduser(name)  # A ~ no shell expanded (--config.tokenizer=hf:~/tok).
-    if name.startswith(('.', '/', '~')) and not os.path.isdir(name):
+    # A path, not a hub id ('name' or 'org/name'): 'tok/', './tok', 'a/b/c'.
+    if not os.path.isdir(name) and (name.startswith(('.', '/')) or name.endswith('/') or
+                                    name.count('/') > 1):
       raise FileNotFoundError(f'tokenizer=hf:{name}: no such directory')
     # Without its files transformers builds an empty tokenizer; say so instead.
     if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f))
@@ -144,7 +146,8 @@ def main(argv):
   t.add_argument('--input', nargs='+', required=True, help='.jsonl / .txt files or globs')
   t.add_argument('--field', default='text', help='JSONL field holding the text')
   t.add_argument('--vocab-size', type=int, required=True)
-  t.add_argument('--out', required=True, help='directory for the HF tokenizer files')
+  t.add_argument('--out', required=True, type=os.path.expanduser,  # (--out=~/tok: no shell's ~.)
+                 help='directory for the HF tokenizer files')
   t.add_argument('--force', action='store_true', help='replace a tokenizer already in --out')
   args = parser.parse_args(argv)
   if args.vocab_size <= 257:  # The 256 bytes and EOS come first; merges only above them.

@@ -67,8 +67,9 @@ def test_bench_json_path_is_checked_before_the_run(tmp_path, capsys, monkeypatch
   with pytest.raises(IsADirectoryError, match=r'--json=.* is a directory; give a file name'):
     bench.main(argv + [f'--json={tmp_path}'])
   monkeypatch.setattr(train, 'setup', setup)
+  monkeypatch.setenv('HOME', str(tmp_path))  # --json=~/...: no shell expands that ~.
   out = tmp_path / 'a' / 'b' / 'plan.json'
-  bench.main(argv + [f'--json={out}'])
+  bench.main(argv + ['--json=~/a/b/plan.json'])
   printed = capsys.readouterr().out.splitlines()[-1]
   assert json.loads(out.read_text()) == json.loads(printed)
   assert json.loads(printed)['step_memory_bytes'] > 0

@@ -468,6 +468,32 @@ def test_a_model_dir_given_with_a_tilde(tmp_path, monkeypatch):
     convert.local_dir('~/models/y')
 
 
+def test_outputs_given_with_a_tilde_are_in_the_home_directory(tmp_path, monkeypatch, capsys):
+  """--out=~/x (no shell expands a ~ after '=') made a directory named '~' in the working
+  directory, and the hint printed with it (init_from=~/x, tokenizer='hf:~/x') named another."""
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  cwd.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(cwd)
+  hf_dir(home / 'models' / 'x')
+  convert.main(['from-hf', '--model=~/models/x', '--out=~/imp'])
+  assert f'use --config.train.init_from={home}/imp' in capsys.readouterr().out
+  assert (home / 'imp' / 'config.json').is_file()
+  convert.main(['to-hf', '--checkpoint=~/imp', '--out=~/hf'])
+  assert (home / 'hf' / 'model.safetensors').is_file()
+  corpus = tmp_path / 'c.jsonl'
+  corpus.write_text(''.join(json.dumps({'text': f'the cat {i} sat'}) + '\n' for i in range(200)))
+  tokenizer.main(['train', f'--input={corpus}', '--vocab-size=270', '--out=~/tok'])
+  assert f"(use tokenizer='hf:{home}/tok')" in capsys.readouterr().out
+  assert tokenizer.build(f'hf:{home}/tok').vocab_size > 256
+  assert os.listdir(cwd) == []  # No '~' directory.
+  # A tokenizer dir that is not there, given as a path ('tok/'), is named as a missing
+  # directory, not tried as a hub id ('Repo id must use alphanumeric chars').
+  for missing in ('tok/', 'a/b/c'):
+    with pytest.raises(FileNotFoundError, match=rf'^tokenizer=hf:{missing}: no such directory$'):
+      tokenizer.build(f'hf:{missing}')
+
+
 def test_init_from_hf_loads_onto_a_mesh_and_keeps_logits(tmp_path):
   """An HF classifier loaded onto a (2,2,2) mesh gives transformers' logits, padding included."""
   src = hf_dir(tmp_path / 'src', num_labels=3)
