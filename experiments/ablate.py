@@ -86,13 +86,20 @@ def data_fingerprint(workdir):
   return digest.hexdigest()[:16]
 
 
+def parsed(argv):
+  """The config jaxft.train makes of a run's arguments (its command after the module), read as
+  the run reads them: from the repository root."""
+  from jaxft import config as config_lib
+  argv = [f'--config={os.path.join(ROOT, a[9:])}' if a.startswith('--config=') else a for a in argv]
+  return config_lib.parse_args(argv)[0]
+
+
 def check_finished(workdir, argv):
   """A finished run is reused only if it ran the config these settings give now (apart from
   config.PROCESS_ONLY, the process's settings: those never change a result)."""
   from jaxft import config as config_lib
-  argv = [f'--config={os.path.join(ROOT, a[9:])}' if a.startswith('--config=') else a for a in argv]
   with open(os.path.join(workdir, 'config.json')) as f:
-    diffs = [d for d in config_lib.differences(json.load(f), config_lib.parse_args(argv)[0])
+    diffs = [d for d in config_lib.differences(json.load(f), parsed(argv))
              if d[0] not in config_lib.PROCESS_ONLY]
   if diffs:
     raise RuntimeError(f'{workdir} holds a finished run of other settings (' + '; '.join(
@@ -152,6 +159,12 @@ def main(argv):
   parser.add_argument('--eval-as', help='also score each run as this objective (e.g. labeled_pair)')
   args = parser.parse_args(argv)
   runs = expand(args.sweep, args.seeds)
+  for name, cell, seed in runs:  # Each run's settings, before any run starts: a key that does
+    # not exist or a bad value is named here, not in a train.log after the first runs.
+    try:
+      parsed(command(args.config, cell, seed, args.sets, os.path.join(args.out, name))[3:])
+    except (ValueError, OSError) as e:  # (config.ConfigError is a ValueError.)
+      raise RuntimeError(f'{name}: {e}') from None
   print(f'{len(runs)} runs ({len(runs) // args.seeds} cells x {args.seeds} seeds) -> {args.out}',
         flush=True)
   pool = concurrent.futures.ThreadPoolExecutor(args.jobs)

@@ -461,6 +461,10 @@ def run(cfg, workdir):
     held_out = {s: data.fingerprint(records[s]) for s in ('val', 'test')}
     encoding = tokenizer_lib.fingerprint(tok)
     if mngr.latest_step() is not None:
+      if mngr.latest_step() > T.steps:  # Before the restore (and its 'resumed from' line).
+        raise config_lib.ConfigError(
+            f'train.steps={T.steps} is below the step of {workdir}\'s checkpoint, '
+            f'{mngr.latest_step()}: give train.steps >= {mngr.latest_step()}')
       changes = config_lib.resume_changes(cfg, workdir)
       saved = checkpoint.resume_data(mngr.directory, mngr.latest_step())
       if saved.get('tokenizer', encoding) != encoding:
@@ -488,9 +492,6 @@ def run(cfg, workdir):
         state['params'] = init_params(T.init_from, model_cfg, state['params'], shardings['params'],
                                       workdir, tok, label_names)
     step = int(state['step'])
-    if step > T.steps:
-      raise config_lib.ConfigError(f'train.steps={T.steps} is below the step of {workdir}\'s '
-                                   f'checkpoint, {step}: give train.steps >= {step}')
     if step == T.steps and finished_steps(workdir) == step:  # (Not a shorter run's end.)
       log(f'{workdir} already holds the final step {step}; nothing to do')
       return state

@@ -141,6 +141,20 @@ def test_finished_runs_are_skipped_if_they_ran_these_settings(tmp_path, monkeypa
                    str(tmp_path), None)
 
 
+def test_a_sweep_key_that_does_not_exist_stops_the_sweep_before_any_run(tmp_path, monkeypatch):
+  """`--sweep optim.lrr=1,2` ran a first cell to its failure, the nearest key only in its
+  train.log: every run's settings are now checked first."""
+  monkeypatch.setattr(ablate.subprocess, 'run', lambda *a, **k: pytest.fail('a run started'))
+  with pytest.raises(RuntimeError, match=r"^optim\.lr=1,optim\.lrr=1: unknown config key "
+                     r"'optim\.lrr'; did you mean optim\.lr"):
+    ablate.main(['--config=configs/demo.py', '--sweep', 'optim.lr=1,2', '--sweep', 'optim.lrr=1,2',
+                 f'--out={tmp_path}'])
+  with pytest.raises(RuntimeError, match=r"bad value for config key 'train\.steps': 'many'"):
+    ablate.main(['--config=configs/demo.py', '--sweep', 'train.steps=10,many',
+                 f'--out={tmp_path}'])
+  assert os.listdir(tmp_path) == []  # No cell directory made.
+
+
 @pytest.fixture
 def default_sigint():
   """Ctrl-C raises KeyboardInterrupt, as in a terminal, however pytest was started (a script's

@@ -60,8 +60,10 @@ def test_run_writes_metrics_tensorboard_config_and_checkpoints(tmp_path, capsys)
   assert ('note: optim.warmup_steps=2 >= train.steps=2: the learning rate rises for the whole run '
           'and never reaches optim.lr=') in capsys.readouterr().out
   # Fewer steps than the checkpoint's: refused, and the record of what was run left as it was.
+  capsys.readouterr()
   with pytest.raises(config_lib.ConfigError, match=r'train.steps=4 is below the step of .*checkpoint, 10'):
     train.main(small_argv(wd, train__steps=4, train__eval_batches=1))
+  assert 'resumed from' not in capsys.readouterr().out  # Refused before the restore.
   assert json.load(open(os.path.join(wd, 'config.json')))['train']['steps'] == 10
   # Killed between the final checkpoint and summary.json, with a summary.json left from a shorter
   # run (of another step, not this one's): the rerun evaluates and writes it.
