@@ -84,6 +84,8 @@ def get_config(arg=None):
   c.data.test = ''  # Empty: hold out test_fraction of the train records left after val.
   c.data.tfds_data_dir = ''  # tfds: where the prepared datasets are ('' = TFDS's default).
   c.data.hf_name = ''  # hf: the dataset's config name, e.g. 'sst2' of 'nyu-mll/glue'.
+  c.data.split_seed = 0  # Seeds the data itself: the demo corpus and which records val_fraction /
+  # test_fraction hold out. Apart from c.seed: runs of other seeds score the same records.
   c.data.val_fraction = 0.05
   c.data.test_fraction = 0.05
   c.data.on_error = 'raise'  # Bad record (malformed line, missing field, bad label, bad UTF-8):

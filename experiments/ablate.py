@@ -78,7 +78,7 @@ def data_fingerprint(workdir):
   from jaxft import data
   with open(os.path.join(workdir, 'config.json')) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
-  splits = data.load_splits(cfg.data, cfg.seed)
+  splits = data.load_splits(cfg.data)
   digest = hashlib.sha256()
   for split in ('train', 'val', 'test'):
     for rec, _ in splits[split]:

@@ -373,8 +373,10 @@ def _check_disjoint(data_cfg):
             f'be others (or leave data.{b} empty to hold out data.{b}_fraction of data.train)')
 
 
-def load_splits(data_cfg, seed):
-  """{'train', 'val', 'test'} -> Records, from files / datasets or the demo generator."""
+def load_splits(data_cfg):
+  """{'train', 'val', 'test'} -> Records, from files / datasets or the demo generator, drawn
+  (the demo corpus, the held-out fractions) by data.split_seed."""
+  seed = data_cfg.split_seed
   if data_cfg.source == 'demo':
     given = [f'data.{k}={data_cfg[k]!r}' for k in ('train', 'val', 'test') if data_cfg[k]]
     if given:  # They would be ignored: a report or a run claiming other data than it used.

@@ -193,7 +193,7 @@ def main(argv):
   # A dataset's train split stays unread (as in training) unless it is the one evaluated: the
   # baselines read only its first records.
   records = {s: r if s == 'train' != args.split and r.lazy else objective.check(r, cfg.data)
-             for s, r in data.load_splits(cfg.data, cfg.seed).items()}
+             for s, r in data.load_splits(cfg.data).items()}
   examples = {args.split: objective.encode(records[args.split], tok, cfg.data)}
   evaluator = Evaluator(graphdef, objective, examples, records, tok, cfg,
                         sharding.make_mesh(cfg.mesh))

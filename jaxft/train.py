@@ -273,7 +273,7 @@ def prepare_splits(cfg, objective, tok):
   records skipped (data.on_error='skip') as lines for <workdir>/skipped_records.txt. The train
   records are tokenized later, as the TrainStream draws them."""
   records, examples, skipped = {}, {}, []
-  for split, recs in data.load_splits(cfg.data, cfg.seed).items():
+  for split, recs in data.load_splits(cfg.data).items():
     # A dataset's train split is read as drawn too: each process reads only its records.
     lazy = split == 'train' and recs.lazy
     good = records[split] = recs if lazy else objective.check(recs, cfg.data)

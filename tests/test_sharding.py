@@ -16,7 +16,7 @@ def run_steps(cfg, devices, num_steps=5, trainable=None):
   mesh = sharding.make_mesh(cfg.mesh, devices)
   tok = tokenizer.build(cfg.tokenizer)
   objective = objectives.get(cfg.objective)
-  records = objective.check(data.load_splits(cfg.data, cfg.seed)['train'], cfg.data)
+  records = objective.check(data.load_splits(cfg.data)['train'], cfg.data)
   num_labels = objectives.labels(cfg.data)[0] if objective.has_head else 0
   model_cfg = model_lib.config_from(cfg.model, tok.vocab_size, num_labels)
   tx, lr = optim.build(cfg.optim, cfg.train.steps, trainable)

@@ -71,7 +71,7 @@ def test_a_tilde_in_dataset_paths_is_the_home_directory(tfds_dir, hf_dirs, monke
     both = small_config(data__source='files', data__train=tilde,
                         data__val=f'hf:{directory}:train').data
     with pytest.raises(data.DataError, match=rf'both read hf:{directory}:train'):
-      data.load_splits(both, 0)
+      data.load_splits(both)
 
 
 def test_trains_classification_on_a_tfds_dataset(tfds_dir, tmp_path, capsys):
@@ -127,12 +127,12 @@ def test_hf_datasets_from_local_files_and_save_to_disk(hf_dirs, monkeypatch, tmp
                       data__test=f'hf:{files}:train').data
   with pytest.raises(data.DataError, match=rf"data.train='hf:{files}' and "
                      rf"data.test='hf:{files}:train' both read hf:{files}:train"):
-    data.load_splits(both, 0)
+    data.load_splits(both)
   # One saved Dataset is read whole for whichever split names it.
   twice = small_config(data__source='files', data__train=f'hf:{one}', data__val=f'hf:{one}').data
   with pytest.raises(data.DataError, match=rf"data.train='hf:{one}' and data.val='hf:{one}' "
                      rf"both read hf:{one}: held-out"):
-    data.load_splits(twice, 0)
+    data.load_splits(twice)
   with pytest.raises(data.DataError, match=rf'hf:{files}:nope: ValueError: Unknown split "nope"'):
     data.read_split(f'hf:{files}:nope', 'train', cfg)
   with pytest.raises(data.DataError, match=r'hf:no-org/no-set:train: '):
@@ -158,12 +158,12 @@ def test_data_files_and_fractions_with_the_demo_source_are_refused_not_ignored()
   assert cfg.data.source == 'demo'
   with pytest.raises(data.DataError, match=r"data.test='my_test.jsonl' given, but data.source=demo "
                      r"reads no files: add --config.data.source=files"):
-    data.load_splits(cfg.data, 0)
+    data.load_splits(cfg.data)
   cfg = small_config(data__val_fraction=0.2)
   with pytest.raises(data.DataError, match=r"data.val_fraction=0.2 given, but data.source=demo "
                      r"holds out 5% of the questions for val and 5% for test"):
-    data.load_splits(cfg.data, 0)
-  parts = data.load_splits(small_config().data, 0)  # The fractions it takes: what it holds out.
+    data.load_splits(cfg.data)
+  parts = data.load_splits(small_config().data)  # The fractions it takes: what it holds out.
   sizes = {s: len(list(r)) for s, r in parts.items()}
   total = sum(sizes.values())
   assert all(abs(sizes[s] / total - 0.05) < 0.01 for s in ('val', 'test')), sizes

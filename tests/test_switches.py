@@ -108,7 +108,7 @@ def batches():
   """The first STEPS batches of the small config's demo stream (packed rows, segment ids)."""
   cfg = small_config()
   tok, objective = tokenizer.build(cfg.tokenizer), objectives.get(cfg.objective)
-  records = objective.check(data.load_splits(cfg.data, cfg.seed)['train'], cfg.data)
+  records = objective.check(data.load_splits(cfg.data)['train'], cfg.data)
   stream = objective.stream(records, tok, cfg.data, cfg.train.batch_size, cfg.seed)
   out = [next(stream) for _ in range(STEPS)]
   for batch in out:
