@@ -268,4 +268,7 @@ def run_config(path):
   if not cfg_path.is_file():
     raise FileNotFoundError(f'{cfg_path} not found: the run\'s config must sit next to its '
                             f'checkpoints/')
-  return ml_collections.ConfigDict(json.loads(cfg_path.read_text())), directory, step
+  saved = json.loads(cfg_path.read_text())
+  # A run from before data.split_seed drew its demo corpus and held-out records by its seed.
+  saved.setdefault('data', {}).setdefault('split_seed', saved.get('seed', 0))
+  return ml_collections.ConfigDict(saved), directory, step

@@ -1,8 +1,12 @@
+import json
+import os
+
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxft import checkpoint
+from conftest import small_argv
+from jaxft import checkpoint, data, train
 
 
 def test_keeps_newest_n_plus_best_val_loss(tmp_path):
@@ -58,3 +62,19 @@ def test_saving_replicated_arrays_compiles_nothing(tmp_path):
       restore_args={k: ocp.RestoreArgs(restore_type=np.ndarray) for k in params})
   for k, v in params.items():
     np.testing.assert_array_equal(restored[k], np.asarray(v))
+
+
+def test_a_run_from_before_split_seed_is_read_with_the_data_its_seed_drew(tmp_path):
+  """A config.json without data.split_seed is a run whose demo corpus and held-out records
+  followed its `seed`: evaluate / to-hf read it so, not with split_seed 0's records."""
+  wd = str(tmp_path / 'run')
+  train.main(small_argv(wd, seed=1, data__split_seed=1, train__steps=1))  # As such a run drew.
+  path = os.path.join(wd, 'config.json')
+  saved = json.load(open(path))
+  del saved['data']['split_seed']
+  json.dump(saved, open(path, 'w'))
+  cfg, directory, step = checkpoint.run_config(wd)
+  assert cfg.data.split_seed == 1
+  held_out = checkpoint.resume_data(directory, step)['held_out']
+  splits = data.load_splits(cfg.data)
+  assert {s: data.fingerprint(splits[s]) for s in ('val', 'test')} == held_out
