@@ -476,7 +476,9 @@ def run(cfg, workdir):
       if changed:
         raise data.DataError(f'the {" and ".join(changed)} records differ from those the run was '
                              f'evaluated on before (its checkpoint\'s fingerprint): resume with '
-                             f'the saved data, or start a new workdir with train.init_from')
+                             f'the saved data (a run from before data.split_seed was split by its '
+                             f'seed: give data.split_seed=<that seed>), or start a new workdir '
+                             f'with train.init_from')
       train_iter.set_state(saved['iterator'])  # (Refuses other train records.)
       totals.update(saved['totals'])
       state = checkpoint.restore(mngr, abstract, shardings)
