@@ -52,13 +52,13 @@ def objective_of(workdir):
 
 
 def summarize(cells):
-  """[(cell, n seeds, {metric: (mean, std)})]."""
+  """[(cell, n seeds, {metric: (mean, std)})]; std None for one seed (no spread to show)."""
   rows = []
   for cell, runs in cells.items():
     values = [scalars(r) for _, r in runs]
     names = sorted(set.intersection(*[set(v) for v in values]))
     stats = {n: (float(np.mean([v[n] for v in values])),
-                 float(np.std([v[n] for v in values], ddof=1)) if len(values) > 1 else 0.0)
+                 float(np.std([v[n] for v in values], ddof=1)) if len(values) > 1 else None)
              for n in names}
     rows.append((cell, len(runs), stats))
   return rows
@@ -73,7 +73,8 @@ def write(out, keys=None):
   metrics = sorted({m for _, _, stats in rows for m in stats if m != 'supervised_tokens'})
   lines = ['| cell | seeds | ' + ' | '.join(metrics) + ' |', '|---|---|' + '---|' * len(metrics)]
   for cell, n, stats in rows:
-    cols = [f'{stats[m][0]:.4f} ± {stats[m][1]:.4f}' if m in stats else '' for m in metrics]
+    cols = ['' if m not in stats else f'{stats[m][0]:.4f}' if stats[m][1] is None else
+            f'{stats[m][0]:.4f} ± {stats[m][1]:.4f}' for m in metrics]
     lines.append(f'| {cell} | {n} | ' + ' | '.join(cols) + ' |')
   table = '\n'.join(lines) + '\n'
   with open(os.path.join(out, 'results.md'), 'w') as f:
@@ -82,7 +83,8 @@ def write(out, keys=None):
     w = csv.writer(f)
     w.writerow(['cell', 'seeds'] + [f'{m} {s}' for m in metrics for s in ('mean', 'std')])
     for cell, n, stats in rows:
-      w.writerow([cell, n] + [x for m in metrics for x in (stats.get(m) or ('', ''))])
+      w.writerow([cell, n] + ['' if x is None else x for m in metrics
+                              for x in (stats.get(m) or ('', ''))])
   plot(out, cells, rows, keys or [])
   return table
 
@@ -115,7 +117,7 @@ def plot(out, cells, rows, keys):
       curves.append({l['step']: l['loss'] for l in lines if l['split'] == 'train'})
     steps = sorted(set.intersection(*[set(c) for c in curves]))
     y = np.array([[c[s] for s in steps] for c in curves])
-    ax.plot(steps, y.mean(0), label=cell)
+    ax.plot(steps, y.mean(0), label=cell, marker='o' if len(steps) < 3 else None)  # (1 point.)
     ax.fill_between(steps, y.min(0), y.max(0), alpha=0.25)
   ax.set(xlabel='step', ylabel='train loss', yscale='log', title='learning curves (seeds shaded)')
   ax.legend(fontsize=7)
@@ -129,7 +131,8 @@ def plot(out, cells, rows, keys):
       record = cells[cell][0][1]
       value = str(record['overrides'].get(key, ''))
       mean, std = stats[metric]
-      ax.errorbar([value or '(default)'], [mean], yerr=[std], fmt='o', capsize=4, label=cell)
+      ax.errorbar([value or '(default)'], [mean], yerr=None if std is None else [std], fmt='o',
+                  capsize=4, label=cell)
     ax.set(xlabel=key, ylabel=f'final test {metric}', title=f'final {metric} vs {key}')
     ax.legend(fontsize=6)
     fig.tight_layout()

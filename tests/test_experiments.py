@@ -64,10 +64,11 @@ def test_report_aggregates_seeds_into_tables_and_plots(tmp_path):
   fake_run(out, 'all', 0, 0.5, [2.0, 1.5])
   table = report.write(out, ['train.trainable'])
   assert '| head | 3 | 0.9000 ± 0.1000 | 0.1000 ± 0.1000 |' in table  # accuracy, loss (ddof 1).
-  assert '| all | 1 | 0.5000 ± 0.0000 |' in table
+  assert '| all | 1 | 0.5000 | 0.5000 |' in table  # One seed: no ± (a 0 spread would mislead).
   assert open(tmp_path / 'results.md').read() == table
   rows = list(csv.DictReader(open(tmp_path / 'results.csv')))
   assert {r['cell']: float(r['accuracy mean']) for r in rows} == {'all': 0.5, 'head': pytest.approx(0.9)}
+  assert [r['accuracy std'] for r in rows if r['cell'] == 'all'] == ['']
   for png in ('learning_curves.png', 'final_vs_train.trainable.png'):
     assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
   # The command line takes --keys in both forms.
