@@ -615,6 +615,12 @@ def main(argv):
     if opts['target']:
       raise config_lib.ConfigError('--target plans the train step; --decode runs here')
     result = bench_decode(cfg, opts['batch'], opts['prompt-len'], opts['new'])
+    print(f"decode: batch {result['batch']}, {result['prompt_len']}-token prompts, "
+          f"{result['new_tokens']} new tokens each ({result['platform']})")
+    for way in ('kv_cache', 'full_forward'):
+      r = result[way]
+      print(f"  {way:12s} {r['tokens_per_s']:>12,.1f} tokens/s  {r['s']} s a call  "
+            f"compile {r['compile_s']} s", flush=True)
   else:
     result = bench(cfg, opts['steps'], opts['warmup'], flags['compare-hf'],
                    compile_only=flags['compile-only'], target=opts['target'] or None)
@@ -625,6 +631,10 @@ def main(argv):
       # (records tokenized and packed on the fly, as in training).
       result['input_vs_train'] = round(result['input']['batches_per_s'] * result['step_s_median'],
                                        1)
+      i = result['input']
+      print(f"input: {i['records']:,} train records read and checked in {i['read_s']} s; "
+            f"{i['batches_per_s']:,} batches/s ({i['batch_tokens_per_s']:,.0f} tokens/s), "
+            f"{result['input_vs_train']}x what training consumes", flush=True)
   print(json.dumps(result), flush=True)  # First: a file that cannot be written loses nothing.
   if out:
     out.write_text(json.dumps(result, indent=1))

@@ -776,3 +776,23 @@ def test_offloaded_optimizer_state_stays_on_the_host_and_resumes(tmp_path, capsy
   a, b = read_params(plain), read_params(offloaded)
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_bench_prints_its_decode_and_input_figures(capsys, root):
+  """--decode printed only its JSON line, and the input path's figures were in the JSON alone:
+  each has readable lines with the JSON's numbers."""
+  argv = [f'--config={os.path.join(root, "configs", "demo.py")}'] + \
+      [f'--config.{k}={v}' for k, v in SMALL.items()]
+  bench.main(argv + ['--decode', '--batch=2', '--prompt-len=8', '--new=4'])
+  lines = capsys.readouterr().out.splitlines()
+  r = json.loads(lines[-1])
+  assert lines[-4] == f"decode: batch 2, 8-token prompts, 4 new tokens each ({r['platform']})"
+  for line, way in zip(lines[-3:-1], ('kv_cache', 'full_forward')):
+    assert line.split()[:3] == [way, f"{r[way]['tokens_per_s']:,.1f}", 'tokens/s'], line
+  bench.main(argv + ['--steps=1', '--warmup=0'])
+  lines = capsys.readouterr().out.splitlines()
+  r = json.loads(lines[-1])
+  assert lines[-2] == (f"input: {r['input']['records']:,} train records read and checked in "
+                       f"{r['input']['read_s']} s; {r['input']['batches_per_s']:,} batches/s "
+                       f"({r['input']['batch_tokens_per_s']:,.0f} tokens/s), "
+                       f"{r['input_vs_train']}x what training consumes")
