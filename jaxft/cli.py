@@ -1,5 +1,5 @@
 """Command-line entry points: a user's mistake ends in one `error: ...` line, a bug in a traceback,
-Ctrl-C in one line (status 130)."""
+Ctrl-C in one line (status 130), a closed output pipe (`| head`) in one line too."""
 import os
 import sys
 
@@ -18,6 +18,11 @@ def run(main):
     main(sys.argv[1:])
   except USER_ERRORS as e:
     sys.exit(f'error: {e}')
+  except BrokenPipeError:  # The output's reader has gone (`... | head`): no bug, no traceback.
+    # Python's own flush of stdout at exit would fail again ("Exception ignored ..."): the rest
+    # goes to /dev/null.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit('error: the output pipe was closed before everything was written')
   except KeyboardInterrupt:  # (In jaxft.train the second Ctrl-C: the first one saves and exits.)
     print('interrupted (Ctrl-C)', file=sys.stderr, flush=True)
     sys.stdout.flush()

@@ -12,6 +12,8 @@ import zlib
 
 import numpy as np
 
+from jaxft import config
+
 LABEL_NAMES = ('low', 'mid', 'high')  # answer < 50, < 100, >= 100
 BUCKETS = 20  # Questions hashed into 20 buckets: one is val, one test (5% each), the rest train.
 
@@ -51,12 +53,10 @@ def main(argv):
   parser = argparse.ArgumentParser(prog='python -m jaxft.demo_data',
                                    description='write the demo corpus as .jsonl files')
   parser.add_argument('--out', default='demo_data', help='directory for train/val/test.jsonl')
-  out = parser.parse_args(argv).out
+  out = os.path.expanduser(parser.parse_args(argv).out)  # (No shell expands --out=~/demo.)
   os.makedirs(out, exist_ok=True)
-  for split, records in splits(20_000).items():
-    with open(os.path.join(out, f'{split}.jsonl'), 'w') as f:
-      for r in records:
-        f.write(json.dumps(r) + '\n')
+  for split, records in splits(20_000).items():  # Each file whole, or as it was (a Ctrl-C).
+    config.write_file(out, f'{split}.jsonl', ''.join(json.dumps(r) + '\n' for r in records))
   print(f'wrote {out}/train.jsonl, val.jsonl, test.jsonl')
 
 

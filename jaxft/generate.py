@@ -152,7 +152,7 @@ def main(argv):
   over = [(where, len(p)) for (_, where), p in zip(records, encoded)
           if len(p) + args.max_new_tokens > model_cfg.max_len]
   if over:
-    more = f' (and {len(over) - 1} more prompts)' if len(over) > 1 else ''
+    more = f' (and {len(over) - 1} more over the limit)' if len(over) > 1 else ''
     raise config_lib.ConfigError(f'{over[0][0]}: prompt of {over[0][1]} tokens + --max-new-tokens '
                                  f'{args.max_new_tokens} > model max_len {model_cfg.max_len}{more}')
   prompts = [p for p in encoded for _ in range(args.num_samples)]

@@ -181,6 +181,13 @@ def test_demo_splits_hold_out_questions(tmp_path, monkeypatch):
   assert r['text'] == r['prompt'] + r['completion'] and r['label'] in (0, 1, 2)
   assert eval(r['prompt'][:-1]) == int(r['completion'])  # The answers are right.
   assert demo_data.generate(50, seed=3) == demo_data.generate(50, seed=3)
+  # --out=~/demo (the ~ no shell expands): the home directory's demo/, not a directory named ~.
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.chdir(tmp_path)
+  demo_data.main(['--out=~/demo'])
+  assert not (tmp_path / '~').exists()
+  assert [r for r, _ in data.read_records(str(tmp_path / 'home' / 'demo' / 'val.jsonl'))] == \
+      demo_data.splits(20_000)['val']
 
 
 # The train order: fixed by (seed, records) alone.

@@ -111,6 +111,25 @@ def test_a_second_ctrl_c_interrupts_and_the_handlers_are_restored(monkeypatch, c
   assert capsys.readouterr().err == 'interrupted (Ctrl-C)\n'
 
 
+def test_a_closed_output_pipe_is_one_line_not_a_traceback(monkeypatch):
+  """`python -m jaxft.generate --prompts-file p.jsonl | head`: the reader gone, the command ends
+  in one error line, and the flush of stdout at the interpreter's exit finds /dev/null, not the
+  closed pipe (which printed "Exception ignored ... BrokenPipeError" after the traceback)."""
+  read, write = os.pipe()
+  os.close(read)
+  out = open(write, 'w')
+  monkeypatch.setattr(sys, 'stdout', out)
+
+  def chatty(argv):
+    for _ in range(10_000):
+      print('x' * 100)
+  with pytest.raises(SystemExit, match='^error: the output pipe was closed before everything '
+                     'was written$'):
+    cli.run(chatty)
+  out.write('the rest\n')
+  out.close()  # (Flushes: the write that failed at exit.)
+
+
 def test_a_damaged_newest_checkpoint_names_the_step_to_resume_from(tmp_path, monkeypatch):
   wd = str(tmp_path / 'run')
   opts = dict(checkpoint__every=2, checkpoint__keep=2, checkpoint__keep_best=False)

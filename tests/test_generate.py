@@ -125,7 +125,7 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   with pytest.raises(config_lib.ConfigError, match=r'\+ --max-new-tokens 61 > model max_len 64'):
     generate.main(['--workdir', wd, '--prompt', '1+1=', '--max-new-tokens', '61'])
   with pytest.raises(config_lib.ConfigError, match=r'out of range: --temperature -1.0 \(must be '
-                     r'>= 0 \(0: greedy\)\); --top-p 0.0 \(must be in \(0, 1\]\)'):
+                     r'finite, >= 0 \(0: greedy\)\); --top-p 0.0 \(must be in \(0, 1\]\)'):
     generate.main(['--workdir', wd, '--prompt', '1', '--temperature=-1', '--top-p', '0'])
   with pytest.raises(config_lib.ConfigError, match=r"--top-k 300 > the tokenizer's 258 ids"):
     generate.main(['--workdir', wd, '--prompt', '1', '--temperature=1', '--top-k', '300'])
@@ -155,6 +155,44 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   with pytest.raises(config_lib.ConfigError, match=r'is a classification run: its outputs are '
                      r'class scores \(python -m jaxft.evaluate\), not text'):
     generate.main(['--workdir', wd, '--prompt', '1+1='])
+
+
+def test_generate_names_bad_prompts_and_keeps_its_files(imported, tmp_path, monkeypatch):
+  """Prompts too long for the model's positions, or not text, are named (file:line, or --prompt);
+  an --out that is the prompts file or a directory, or an infinite temperature, is refused before
+  any decoding, the prompts left as they were; --out=~/x (no shell expands that ~) is in $HOME."""
+  wd = imported[1]
+  prompts = tmp_path / 'p.jsonl'
+  prompts.write_text('{"prompt": "1+1="}\n\n{"prompt": "%s"}\n{"prompt": "%s"}\n'
+                     % ('x' * 60, 'y' * 70))
+  with pytest.raises(config_lib.ConfigError, match=rf'^{re.escape(str(prompts))}:3: prompt of 60 '
+                     r'tokens \+ --max-new-tokens 8 > model max_len 64 \(and 1 more over the '
+                     r'limit\)$'):
+    generate.main(['--workdir', wd, '--prompts-file', str(prompts), '--max-new-tokens', '8'])
+  with pytest.raises(config_lib.ConfigError, match=r'^--prompt: prompt of 70 tokens \+ '
+                     r'--max-new-tokens 1 > model max_len 64$'):
+    generate.main(['--workdir', wd, '--prompt', 'y' * 70, '--max-new-tokens', '1'])
+  # An argument of bytes that are not UTF-8 (Python reads them as lone surrogates): named, where
+  # the tokenizer's encode raised UnicodeEncodeError with a traceback.
+  with pytest.raises(data.DataError, match=r"^--prompt: field 'prompt': lone UTF-16 surrogate "
+                     r"U\+DCFF at character 2"):
+    generate.main(['--workdir', wd, '--prompt', 'ab\udcff'])
+  before = prompts.read_bytes()
+  monkeypatch.chdir(tmp_path)
+  for out in (str(prompts), 'p.jsonl', str(tmp_path / 'sub' / '..' / 'p.jsonl')):
+    with pytest.raises(FileExistsError, match=rf'^--out {re.escape(out)} is the --prompts-file: '
+                       r'writing it would replace the prompts$'):
+      generate.main(['--workdir', wd, '--prompts-file', str(prompts), f'--out={out}'])
+  assert prompts.read_bytes() == before
+  with pytest.raises(IsADirectoryError, match=rf'^--out {re.escape(str(tmp_path))} is a directory'):
+    generate.main(['--workdir', wd, '--prompts-file', str(prompts), '--out', str(tmp_path)])
+  with pytest.raises(config_lib.ConfigError, match=r'--temperature inf \(must be finite'):
+    generate.main(['--workdir', wd, '--prompt', '1', '--temperature', 'inf'])
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  generate.main(['--workdir', wd, '--prompt', '1+1=', '--max-new-tokens', '3', '--out=~/o.jsonl'])
+  assert not (tmp_path / '~').exists()
+  [line] = [json.loads(l) for l in open(tmp_path / 'home' / 'o.jsonl')]
+  assert line['prompt'] == '1+1=' and line['sample'] == 0 and len(line['completion']) <= 3
 
 
 def test_evaluate_of_a_checkpoint_dir_reports_into_the_workdir(imported, tmp_path, capsys):

@@ -205,6 +205,28 @@ def test_dropout_is_keyed_and_off_by_default():
   assert not np.allclose(m(tokens, dropout_key=k1), m(tokens))
 
 
+@pytest.mark.parametrize('switches', [{'model__attention': 'einsum'},
+                                      {'model__attention': 'dot_product'},
+                                      {'model__attention': 'causal_blocks',
+                                       'model__scan_layers': True}])
+def test_kv_cache_extend_equals_the_full_forward(switches):
+  """Decoding's prefill of right-padded prompts (lengths 8 and 5), then one token a step at each
+  row's own position, gives the full forward's hidden states, with each attention (the GPU picks
+  einsum or dot_product; tests/test_generate.py decodes with the CPU's causal_blocks only)."""
+  m = make(switches)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)))
+  full = m.hidden(tokens)
+  lengths = jnp.array([8, 5])
+  prompts = jnp.where(jnp.arange(8) < lengths[:, None], tokens[:, :8], 257)  # 257: PAD.
+  hidden, cache = m.extend(prompts, jnp.zeros(2, jnp.int32), m.init_cache(2, 16))
+  np.testing.assert_allclose(hidden[0], full[0, :8], atol=1e-5)
+  np.testing.assert_allclose(hidden[1, :5], full[1, :5], atol=1e-5)
+  for i in range(4):
+    at = lengths + i
+    hidden, cache = m.extend(tokens[jnp.arange(2), at][:, None], at, cache)
+    np.testing.assert_allclose(hidden[:, 0], full[jnp.arange(2), at], atol=1e-5)
+
+
 def test_too_long_sequence_is_an_error():
   with pytest.raises(ValueError, match='sequence length 65 > model max_len 64'):
     make()(jnp.ones((1, 65), jnp.int32))
