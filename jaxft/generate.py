@@ -120,6 +120,11 @@ def main(argv):
   bad = [f'{flag} {value} (must be {want})' for flag, value, ok, want in ranges if not ok]
   if bad:
     raise config_lib.ConfigError('out of range: ' + '; '.join(bad))
+  sampling = [f for f, on in (('--top-k', args.top_k), ('--top-p', args.top_p < 1),
+                              ('--num-samples', args.num_samples > 1)) if on]
+  if sampling and args.temperature == 0:  # Greedy decoding would ignore them (or repeat itself).
+    raise config_lib.ConfigError(f'{", ".join(sampling)}: sampling options, but --temperature 0 '
+                                 f'(the default) decodes greedily: give --temperature > 0')
   # Checked before any decoding. A ~ no shell expanded (--out=~/out.jsonl) is the home directory.
   out_path = checkpoint.absolute(args.out) if args.out else None
   if out_path and out_path.is_dir():

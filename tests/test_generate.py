@@ -127,6 +127,9 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
   with pytest.raises(config_lib.ConfigError, match=r'out of range: --temperature -1.0 \(must be '
                      r'finite, >= 0 \(0: greedy\)\); --top-p 0.0 \(must be in \(0, 1\]\)'):
     generate.main(['--workdir', wd, '--prompt', '1', '--temperature=-1', '--top-p', '0'])
+  with pytest.raises(config_lib.ConfigError, match=r'^--top-k, --num-samples: sampling options, '
+                     r'but --temperature 0 \(the default\) decodes greedily'):
+    generate.main(['--workdir', wd, '--prompt', '1', '--top-k', '5', '--num-samples', '2'])
   with pytest.raises(config_lib.ConfigError, match=r"--top-k 300 > the tokenizer's 258 ids"):
     generate.main(['--workdir', wd, '--prompt', '1', '--temperature=1', '--top-k', '300'])
   prompts.write_text('{"prompt": "1+1="}\n{"prompt": 12}\n')
