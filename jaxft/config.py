@@ -142,8 +142,8 @@ AT_LEAST = {1: ('train.steps', 'train.batch_size', 'train.grad_accum', 'train.lo
             0: ('train.eval_batches', 'train.exact_match_examples', 'optim.lr',
                 'optim.warmup_steps', 'optim.skip_nonfinite', 'optim.clip_norm',
                 'optim.weight_decay', 'data.num_labels', 'model.dropout', 'model.loss_chunk',
-                'data.val_fraction', 'data.test_fraction', 'data.split_seed', 'optim.min_lr_ratio', 'optim.b1',
-                'optim.b2', 'optim.eps', 'distributed.num_processes'),  # (0: detect.)
+                'data.val_fraction', 'data.test_fraction', 'data.split_seed', 'optim.min_lr_ratio',
+                'optim.b1', 'optim.b2', 'optim.eps', 'distributed.num_processes'),  # (0: detect.)
             -1: ('distributed.process_id',)}  # (-1: detect.)
 # Fractions and decay rates: below this.
 BELOW = {1: ('model.dropout', 'data.val_fraction', 'data.test_fraction', 'optim.b1', 'optim.b2')}
