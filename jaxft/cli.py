@@ -1,5 +1,6 @@
 """Command-line entry points: a user's mistake ends in one `error: ...` line, a bug in a traceback,
 Ctrl-C in one line (status 130), a closed output pipe (`| head`) in one line too."""
+import errno
 import os
 import sys
 
@@ -13,7 +14,8 @@ USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointMismatch
 
 def run(main):
   """main(argv) with the user errors (bad config, data, checkpoint, storage, a missing file, an
-  output that would overwrite one, a path that cannot be written, a diverged run) reported."""
+  output that would overwrite one, a path that cannot be written, a full disk, a diverged run)
+  reported."""
   try:
     main(sys.argv[1:])
   except USER_ERRORS as e:
@@ -23,6 +25,10 @@ def run(main):
     # goes to /dev/null.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit('error: the output pipe was closed before everything was written')
+  except OSError as e:  # A full disk, a quota or a read-only file system: the machine's, no bug.
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      raise
+    sys.exit(f'error: {e}')
   except KeyboardInterrupt:  # (In jaxft.train the second Ctrl-C: the first one saves and exits.)
     print('interrupted (Ctrl-C)', file=sys.stderr, flush=True)
     sys.stdout.flush()

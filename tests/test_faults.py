@@ -1,6 +1,7 @@
 """Fault injection on the small demo config: kills, signals, storage failures and NaN batches.
 Each test is a row of the README's "Faults and bad input" table."""
 import collections
+import errno
 import glob
 import json
 import os
@@ -128,6 +129,21 @@ def test_a_closed_output_pipe_is_one_line_not_a_traceback(monkeypatch):
     cli.run(chatty)
   out.write('the rest\n')
   out.close()  # (Flushes: the write that failed at exit.)
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(code, tmp_path):
+  """Writing an output on a full disk (or a read-only one) is the machine's state, not a bug: one
+  error line with the file, not a traceback; other OSErrors stay tracebacks."""
+  def writes(argv):
+    raise OSError(code, os.strerror(code), str(tmp_path / 'out.jsonl'))
+  with pytest.raises(SystemExit, match=rf"^error: \[Errno {code}\] {os.strerror(code)}: "
+                     rf"'{tmp_path}/out\.jsonl'$"):
+    cli.run(writes)
+  def bug(argv):
+    raise OSError(errno.EBADF, 'Bad file descriptor')
+  with pytest.raises(OSError, match='Bad file descriptor'):
+    cli.run(bug)
 
 
 def test_a_damaged_newest_checkpoint_names_the_step_to_resume_from(tmp_path, monkeypatch):
