@@ -232,17 +232,18 @@ def parse_args(argv, usage='python -m jaxft.train ' + USAGE):
 
 
 def write_file(workdir, name, text):
-  """Write <workdir>/<name> whole, or leave it as it was: a kill or a full disk mid-write leaves
-  no file cut short. The workdir may be local or remote (gs://..., via epath: objects are written
-  whole)."""
+  """Write <workdir>/<name> (text, or bytes) whole, or leave it as it was: a kill or a full disk
+  mid-write leaves no file cut short. The workdir may be local or remote (gs://..., via epath:
+  objects are written whole)."""
   path = epath.Path(workdir) / name
   path.parent.mkdir(parents=True, exist_ok=True)
+  write = lambda p: p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
   if '://' in str(workdir):
-    path.write_text(text)
+    write(path)
     return
   tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'  # The same filesystem: renamed in place.
   try:
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
   finally:
     if tmp.exists():  # (Only when the write failed.)

@@ -11,6 +11,7 @@ from its own length) and stop at EOS; a row's samples are the same whatever the 
 mesh. Works for next_token and labeled_pair runs and for `convert from-hf` workdirs.
 """
 import argparse
+import gzip
 import json
 import math
 import os
@@ -186,8 +187,9 @@ def main(argv):
   lines = ''.join(json.dumps({'prompt': text, 'sample': i % args.num_samples,
                               'completion': tok.decode(ids)}) + '\n'
                   for i, ((text, _), ids) in enumerate(zip(pairs, new)))
-  if out_path:  # Written whole, or an existing file left as it was.
-    config_lib.write_file(str(out_path.parent), out_path.name, lines)
+  if out_path:  # Written whole, or an existing file left as it was; gzip'ed as a .gz name says.
+    config_lib.write_file(str(out_path.parent), out_path.name, gzip.compress(lines.encode())
+                          if out_path.name.endswith('.gz') else lines)
   else:
     sys.stdout.write(lines)
 

@@ -1,5 +1,6 @@
 """KV-cache decoding against full-forward decoding and transformers' generate(); the generate and
 evaluate command lines; summary.json."""
+import gzip
 import json
 import os
 import re
@@ -121,6 +122,10 @@ def test_generate_and_evaluate_command_lines(tmp_path, capsys):
     generate.main(['--workdir', wd, '--prompts-file', str(prompts), '--out', str(again),
                    '--num-samples', '2', '--temperature', '0.7', '--max-new-tokens', '5', *argv])
     assert [json.loads(l) for l in open(again)] == lines, argv
+  # A .gz --out is gzip'ed (it was plain text under that name), as .jsonl.gz data files are.
+  generate.main(['--workdir', wd, '--prompts-file', str(prompts), '--out', f'{out}.gz',
+                 '--num-samples', '2', '--temperature', '0.7', '--max-new-tokens', '5'])
+  assert [json.loads(l) for l in gzip.open(f'{out}.gz', 'rt')] == lines
   assert len({l['completion'] for l in lines}) > 1
   with pytest.raises(config_lib.ConfigError, match=r'\+ --max-new-tokens 61 > model max_len 64'):
     generate.main(['--workdir', wd, '--prompt', '1+1=', '--max-new-tokens', '61'])
