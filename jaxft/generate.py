@@ -144,6 +144,10 @@ def main(argv):
     raise config_lib.ConfigError(f'--top-k {args.top_k} > the tokenizer\'s {tok.vocab_size} ids')
   mesh = sharding.make_mesh(cfg.mesh)
   pair = cfg.objective == 'labeled_pair'
+  if args.raw and not pair:  # (It would change nothing: a next_token run has no template.)
+    raise config_lib.ConfigError(f'--raw skips a labeled_pair run\'s data.prompt_template; '
+                                 f'{args.workdir} is a {cfg.objective} run, whose prompts are '
+                                 f'always as written')
   if args.prompt is not None:
     records = [({'prompt': args.prompt}, '--prompt')]
     field = 'prompt'

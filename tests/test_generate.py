@@ -170,6 +170,9 @@ def test_generate_names_bad_prompts_and_keeps_its_files(imported, tmp_path, monk
   an --out that is the prompts file or a directory, or an infinite temperature, is refused before
   any decoding, the prompts left as they were; --out=~/x (no shell expands that ~) is in $HOME."""
   wd = imported[1]
+  with pytest.raises(config_lib.ConfigError, match=r"^--raw skips a labeled_pair run's "
+                     r"data\.prompt_template; .* is a next_token run"):  # (It did nothing.)
+    generate.main(['--workdir', wd, '--prompt', '1', '--raw'])
   prompts = tmp_path / 'p.jsonl'
   prompts.write_text('{"prompt": "1+1="}\n\n{"prompt": "%s"}\n{"prompt": "%s"}\n'
                      % ('x' * 60, 'y' * 70))
