@@ -297,9 +297,10 @@ def read_split(spec, split, data_cfg):
   """Records of data.train / val / test: a file glob (see read_records), or a dataset split,
   `tfds:<name>[/<config>][:<split>]` or `hf:<hub name or local dir>[:<split>]` (the split
   defaulting to `split`) as SourceRecords named '<kind>:<name>:<split>[<index>]'."""
-  if _dataset_spec(spec) is None:
+  parsed = _dataset_spec(spec)
+  if parsed is None:
     return read_records(spec, data_cfg.on_error)
-  kind, name, given = _dataset_spec(spec)
+  kind, name, given = parsed
   source = SOURCES[kind](name, given, split, data_cfg)
   split = given or split
   if not len(source):
@@ -312,9 +313,10 @@ def _origins(spec, split, data_cfg):
   or '<kind>:<name>:<split>' and the split's slice ('[:10%]', '' for all of it) for each split
   joined by '+' (a local dir by its real path; one saved HF Dataset is read whole, whatever the
   split)."""
-  if _dataset_spec(spec) is None:
+  parsed = _dataset_spec(spec)
+  if parsed is None:
     return {(f if '://' in f else os.path.realpath(f), '') for f in _files(spec)}
-  kind, name, given = _dataset_spec(spec)
+  kind, name, given = parsed
   if kind == 'hf' and os.path.isdir(name):
     name = os.path.realpath(name)
     if os.path.isfile(os.path.join(name, 'state.json')):
