@@ -23,7 +23,6 @@ one JSON line (also written to --json).
 import json
 import os
 import platform
-import re
 import resource
 import sys
 import time
@@ -35,7 +34,7 @@ from etils import epath
 from flax import nnx
 
 from jaxft import config as config_lib, data, evaluate, generate, model as model_lib, objectives, \
-    sharding, tokenizer as tokenizer_lib, train
+    optim, sharding, tokenizer as tokenizer_lib, train
 
 # Dense bf16 (and fp16: the same rate on these chips) peak FLOP/s per chip from the vendors'
 # datasheets, by jax device_kind substring (longest match wins). float32 compute is counted
@@ -329,11 +328,12 @@ def torch_trainer(cfg, model_cfg, has_head):
   o = cfg.optim
   # Weight decay for the same params as jaxft's (optim.no_decay on HF's names: 'ln_1', 'bias',
   # 'wte', 'wpe' are in both); torch's own default would decay them all.
-  no_decay = re.compile(o.no_decay) if o.no_decay else None
-  exempt = {n for n, _ in model.named_parameters() if no_decay and no_decay.search(n)}
+  decayed = optim.decays(o)
+  groups = {True: [], False: []}
+  for name, p in model.named_parameters():
+    groups[decayed(name)].append(p)
   opt = torch.optim.AdamW(
-      [{'params': [p for n, p in model.named_parameters() if n not in exempt]},
-       {'params': [p for n, p in model.named_parameters() if n in exempt], 'weight_decay': 0.0}],
+      [{'params': groups[True]}, {'params': groups[False], 'weight_decay': 0.0}],
       lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
   B, T = cfg.train.batch_size, cfg.data.seq_len
   tokens = torch.randint(1, model_cfg.tokenizer_vocab or model_cfg.vocab_size, (B, T))
@@ -356,8 +356,7 @@ def torch_trainer(cfg, model_cfg, has_head):
     return total
 
   return step, {'torch': torch.__version__, 'transformers': transformers.__version__,
-                'torch_no_decay_params': sum(p.numel() for n, p in model.named_parameters()
-                                             if n in exempt),
+                'torch_no_decay_params': sum(p.numel() for p in groups[False]),
                 'torch_threads': torch.get_num_threads(),
                 'torch_matmul_peak_flops': round(torch_matmul_probe(half or torch.float32))}
 

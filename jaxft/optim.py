@@ -221,14 +221,19 @@ def trainable_fn(spec):
   return lambda path: bool(pattern.search(path))
 
 
-def build(optim_cfg, steps, trainable=None):
-  """(optax transformation, learning-rate schedule); `trainable(path)` picks what is updated."""
+def decays(optim_cfg):
+  """path -> whether AdamW decays that param: unless optim.no_decay (a regex) is found in it."""
   try:
     no_decay = re.compile(optim_cfg.no_decay) if optim_cfg.no_decay else None
   except re.error as e:  # (Else a traceback, not the one-line error a bad config gets.)
     raise ConfigError(f'optim.no_decay={optim_cfg.no_decay!r} is not a regex: {e}') from None
-  decay_mask = lambda params: model.map_with_path(
-      lambda path, _: not (no_decay and no_decay.search(path)), params)
+  return lambda path: not (no_decay and no_decay.search(path))
+
+
+def build(optim_cfg, steps, trainable=None):
+  """(optax transformation, learning-rate schedule); `trainable(path)` picks what is updated."""
+  decayed = decays(optim_cfg)
+  decay_mask = lambda params: model.map_with_path(lambda path, _: decayed(path), params)
   lr = schedule(optim_cfg, steps)
   tx = adamw(optim_cfg, lr, decay_mask)
   if optim_cfg.clip_norm:
