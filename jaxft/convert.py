@@ -204,7 +204,7 @@ def local_dir(name):
   path = os.path.expanduser(name)  # A ~ no shell expanded (init_from=hf:~/models/x).
   if os.path.isdir(path):
     return path
-  if os.path.exists(path) or name.startswith(('.', '/', '~')):
+  if os.path.exists(path) or tokenizer_lib.is_path(name):
     raise FileNotFoundError(f'{name}: not a Hugging Face model directory')
   from huggingface_hub import snapshot_download
   try:

@@ -33,6 +33,12 @@ class ByteTokenizer:
     return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
 
 
+def is_path(name):
+  """Whether an HF name can only be a local path, not a hub id ('name' or 'org/name'): './x',
+  '/x', '~/x', 'tok/', 'a/b/c'."""
+  return name.startswith(('.', '/', '~')) or name.endswith('/') or name.count('/') > 1
+
+
 class HFTokenizer:
   """A transformers tokenizer behind jaxft's tokenizer interface. Text is encoded without added
   special tokens; padding uses the tokenizer's pad token, else its EOS (positions past a row's
@@ -42,9 +48,7 @@ class HFTokenizer:
     from transformers import AutoTokenizer
     self.spec = f'hf:{name}'
     name = os.path.expanduser(name)  # A ~ no shell expanded (--config.tokenizer=hf:~/tok).
-    # A path, not a hub id ('name' or 'org/name'): 'tok/', './tok', 'a/b/c'.
-    if not os.path.isdir(name) and (name.startswith(('.', '/')) or name.endswith('/') or
-                                    name.count('/') > 1):
+    if not os.path.isdir(name) and is_path(name):
       raise FileNotFoundError(f'tokenizer=hf:{name}: no such directory')
     # Without its files transformers builds an empty tokenizer; say so instead.
     if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f))

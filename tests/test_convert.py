@@ -466,6 +466,9 @@ def test_a_model_dir_given_with_a_tilde(tmp_path, monkeypatch):
   assert json.load(open(tmp_path / 'run' / 'config.json'))['tokenizer'] == f'hf:{src}'
   with pytest.raises(FileNotFoundError, match=r'^~/models/y: not a Hugging Face model directory'):
     convert.local_dir('~/models/y')
+  # As for tokenizers (tokenizer.is_path): a name that is no hub id is a missing directory.
+  with pytest.raises(FileNotFoundError, match=r'^models/x/y: not a Hugging Face model directory'):
+    convert.local_dir('models/x/y')
 
 
 def test_outputs_given_with_a_tilde_are_in_the_home_directory(tmp_path, monkeypatch, capsys):
